@@ -1,0 +1,6 @@
+"""sitesrv: a site server for print management that keeps remote sites working offline."""
+
+__version__ = "0.1.0"
+
+#: Version of the replication wire protocol (see docs/protocols/replication.rst).
+PROTOCOL_VERSION = 1

@@ -1,0 +1,1 @@
+"""alembic migrations for the sitesrv schema."""

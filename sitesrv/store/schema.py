@@ -1,0 +1,349 @@
+"""The database schema, as SQLAlchemy Core tables.
+
+Three kinds of table live here:
+
+* **authoritative** tables (users, cards, accounts, printers, ...): written only at the
+  primary, where every write also appends a full row image to ``changelog``; a site holds
+  a read-only replica of them. ``REPLICATED`` says which, and to whom they go.
+* **primary-only** tables (transactions, job log, audit log, changelog itself): never
+  replicated.
+* **site-owned** tables are added by the replication and failover modules.
+
+Money is always an integer number of minor units (cents); never a float.
+The alembic migrations in ``migrations/versions`` must produce exactly this schema
+(``tests/test_migrations.py`` checks it).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING)
+
+# Ids are never reused (SQLite reuses the highest rowid after a delete without
+# AUTOINCREMENT): site outbox records name users, accounts and printers by id, and a
+# reused id would charge the wrong user. Hence sqlite_autoincrement on id tables.
+
+#: Times are stored as float seconds since the epoch (UTC); expiries are absolute.
+Time = Double
+
+settings = Table(
+    "settings",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("key", String(100), nullable=False, unique=True),
+    Column("value", Text, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+sites = Table(
+    "sites",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(100), nullable=False, unique=True),
+    # True for the primary's own site row (its local printers, providers and devices).
+    Column("is_primary", Boolean, nullable=False, default=False),
+    # Hash of the enrolment token (never the token); NULL for the primary's own row.
+    Column("token_hash", String(200), nullable=True),
+    Column("revoked", Boolean, nullable=False, default=False),
+    # Highest outbox sequence number of this site applied at the primary.
+    Column("applied_seq", BigInteger, nullable=False, default=0),
+    Column("created_at", Time, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("username", String(200), nullable=False, unique=True),
+    Column("full_name", String(200), nullable=False, default=""),
+    Column("email", String(200), nullable=False, default=""),
+    Column("disabled", Boolean, nullable=False, default=False),
+    # scrypt verifier of the PIN, or NULL when the user has none.
+    Column("pin_verifier", String(200), nullable=True),
+    Column("created_at", Time, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+# Password verifiers are a table of their own so that replication can leave them out
+# for sites whose policy refuses password login.
+passwords = Table(
+    "passwords",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "user_id",
+        Integer,
+        ForeignKey("users.id", ondelete="CASCADE"),
+        nullable=False,
+        unique=True,
+    ),
+    Column("verifier", String(200), nullable=False),
+    sqlite_autoincrement=True,
+)
+
+cards = Table(
+    "cards",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # The normalised card number.
+    Column("number", String(200), nullable=False, unique=True),
+    Column(
+        "user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    Column("created_at", Time, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+
+class AccountType(enum.StrEnum):
+    """What an account belongs to."""
+
+    PERSONAL = "personal"
+    SHARED = "shared"
+
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("type", String(20), nullable=False),
+    # Set for a personal account: its owner. One personal account per user.
+    Column(
+        "user_id",
+        Integer,
+        ForeignKey("users.id", ondelete="SET NULL"),
+        nullable=True,
+        unique=True,
+    ),
+    Column("balance", BigInteger, nullable=False, default=0),
+    # Restricted accounts may not go below -credit_limit; unrestricted ones may.
+    Column("restricted", Boolean, nullable=False, default=True),
+    Column("credit_limit", BigInteger, nullable=False, default=0),
+    Column("created_at", Time, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+groups = Table(
+    "groups",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    sqlite_autoincrement=True,
+)
+
+group_members = Table(
+    "group_members",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("group_id", Integer, ForeignKey("groups.id", ondelete="CASCADE"), nullable=False),
+    Column(
+        "user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    UniqueConstraint("group_id", "user_id"),
+    sqlite_autoincrement=True,
+)
+
+printers = Table(
+    "printers",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False, index=True),
+    Column("price_mono", BigInteger, nullable=False),
+    Column("price_colour", BigInteger, nullable=False),
+    # Percentage taken off the price of duplex pages (0-100).
+    Column("duplex_discount", Integer, nullable=False, default=0),
+    # Where the print provider delivers released jobs (ipp://..., socket://host:9100).
+    Column("uri", String(500), nullable=False, default=""),
+    # A hold/release (Find-Me) queue: jobs wait until released.
+    Column("hold", Boolean, nullable=False, default=False),
+    Column("created_at", Time, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False, index=True),
+    # Name of the connector plugin that drives this device.
+    Column("connector", String(100), nullable=False),
+    # JSON object of connector options.
+    Column("options", Text, nullable=False, default="{}"),
+    Column("printer_id", Integer, ForeignKey("printers.id", ondelete="SET NULL"), nullable=True),
+    Column("api_key_hash", String(200), nullable=False),
+    Column("created_at", Time, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+providers = Table(
+    "providers",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False, index=True),
+    Column("key_hash", String(200), nullable=False),
+    Column("created_at", Time, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+policies = Table(
+    "policies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # "" for the global policy, else the name of the site it overrides.
+    Column("site", String(100), nullable=False, default=""),
+    Column("key", String(100), nullable=False),
+    Column("value", String(200), nullable=False),
+    UniqueConstraint("site", "key"),
+    sqlite_autoincrement=True,
+)
+
+# --- primary-only tables -------------------------------------------------------------
+
+transactions = Table(
+    "transactions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("uuid", String(36), nullable=False, unique=True),
+    Column("account_id", Integer, nullable=False, index=True),
+    # Name of the account at the time, so the ledger reads well after a removal.
+    Column("account_name", String(200), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("balance_after", BigInteger, nullable=False),
+    Column("reason", String(50), nullable=False),
+    Column("comment", Text, nullable=False, default=""),
+    Column("job_uuid", String(36), nullable=True),
+    # The site that recorded the transaction (the primary's own name for local ones).
+    Column("site", String(100), nullable=False),
+    Column("created_at", Time, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("uuid", String(36), nullable=False, unique=True),
+    # print, copy, scan or fax
+    Column("kind", String(10), nullable=False),
+    Column("user_id", Integer, nullable=True),
+    Column("username", String(200), nullable=False),
+    Column("account_id", Integer, nullable=True),
+    Column("printer_id", Integer, nullable=True),
+    Column("printer_name", String(200), nullable=False, default=""),
+    Column("site", String(100), nullable=False),
+    Column("document", String(500), nullable=False, default=""),
+    Column("pages", Integer, nullable=False),
+    Column("copies", Integer, nullable=False, default=1),
+    Column("colour", Boolean, nullable=False, default=False),
+    Column("duplex", Boolean, nullable=False, default=False),
+    Column("cost", BigInteger, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("created_at", Time, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", Time, nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(100), nullable=False),
+    Column("target", String(200), nullable=False, default=""),
+    # JSON object with the details (never secrets).
+    Column("details", Text, nullable=False, default="{}"),
+    sqlite_autoincrement=True,
+)
+
+# The change log: one row per change to an authoritative table, in commit order.
+changelog = Table(
+    "changelog",
+    metadata,
+    Column("position", BigInteger, primary_key=True, autoincrement=False),
+    Column("table_name", String(50), nullable=False),
+    Column("row_id", BigInteger, nullable=False),
+    # "upsert" (image holds the full row) or "delete" (image is NULL).
+    Column("op", String(10), nullable=False),
+    Column("image", Text, nullable=True),
+    # NULL: goes to every site; else only to the named site.
+    Column("scope", String(100), nullable=True),
+    Column("format", Integer, nullable=False),
+    Column("created_at", Time, nullable=False),
+)
+Index("ix_changelog_table_row", changelog.c.table_name, changelog.c.row_id)
+
+# One row (id = 1): the change log's epoch and the last position handed out.
+# Writers take the next position by updating this row inside their transaction, which
+# serialises them, so positions become visible in commit order.
+replication_state = Table(
+    "replication_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("epoch", String(36), nullable=False),
+    Column("head", BigInteger, nullable=False),
+)
+
+
+@attrs.frozen
+class Replicated:
+    """How an authoritative table replicates.
+
+    ``scope_column`` names a ``site_id`` column for rows that go only to their own
+    site; ``secret_columns`` are never put in a row image.
+    """
+
+    table: Table
+    scope_column: str | None = None
+    secret_columns: frozenset[str] = frozenset()
+
+
+#: Authoritative tables in dependency order (parents first), which is also the order a
+#: snapshot loads them in.
+REPLICATED: tuple[Replicated, ...] = (
+    Replicated(settings),
+    Replicated(sites, scope_column="id", secret_columns=frozenset({"token_hash"})),
+    Replicated(users),
+    Replicated(passwords),
+    Replicated(cards),
+    Replicated(accounts),
+    Replicated(groups),
+    Replicated(group_members),
+    Replicated(printers),
+    Replicated(devices, scope_column="site_id"),
+    Replicated(providers, scope_column="site_id"),
+    Replicated(policies),
+)
+
+REPLICATED_BY_NAME = {r.table.name: r for r in REPLICATED}
+
+#: Version of the row-image format in the change log and on the wire.
+ROW_FORMAT = 1
