@@ -1,0 +1,1 @@
+"""The core: authentication, costing, charging and the Find-Me queue."""

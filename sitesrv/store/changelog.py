@@ -1,0 +1,202 @@
+"""The change log: every authoritative write, as full row images, in commit order.
+
+All writes to replicated tables at the primary go through ``thdInsert``, ``thdUpdate``
+and ``thdDelete`` (or ``thdDeleteWhere``), which append to the change log in the same
+transaction. Positions come from the single ``replication_state`` row, incremented inside
+the writing transaction: a second writer waits on that row until the first commits, so
+positions become visible in commit order and a site streaming "everything after P" can
+never skip a change that committed late.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+from sqlalchemy import Connection, Table, delete, func, insert, select, update
+from sqlalchemy.sql.elements import ColumnElement
+
+from sitesrv.store.schema import (
+    REPLICATED_BY_NAME,
+    ROW_FORMAT,
+    changelog,
+    replication_state,
+    sites,
+)
+
+
+@attrs.frozen
+class Change:
+    """One change-log entry, as replication sends it."""
+
+    position: int
+    table: str
+    row_id: int
+    op: str  # "upsert" | "delete"
+    image: dict[str, Any] | None
+    scope: str | None
+    format: int
+
+
+def thdEnsureState(conn: Connection) -> None:
+    """Create the replication state row (a fresh epoch, head 0) if it is missing."""
+    if conn.execute(select(replication_state.c.id)).first() is None:
+        conn.execute(insert(replication_state).values(id=1, epoch=str(uuid.uuid4()), head=0))
+
+
+def thdState(conn: Connection) -> tuple[str, int]:
+    """The change log's ``(epoch, head)``."""
+    row = conn.execute(select(replication_state.c.epoch, replication_state.c.head)).one()
+    return row.epoch, row.head
+
+
+def thdNewEpoch(conn: Connection) -> str:
+    """Renew the epoch (after a restore from backup): every site will re-snapshot."""
+    epoch = str(uuid.uuid4())
+    conn.execute(update(replication_state).values(epoch=epoch))
+    return epoch
+
+
+def _thdNextPosition(conn: Connection) -> int:
+    # The UPDATE takes the row lock (PostgreSQL) / the write lock (SQLite) that orders
+    # writers; RETURNING gives the value this transaction owns.
+    return conn.execute(
+        update(replication_state)
+        .where(replication_state.c.id == 1)
+        .values(head=replication_state.c.head + 1)
+        .returning(replication_state.c.head)
+    ).scalar_one()
+
+
+def _image(table: Table, row: Mapping[str, Any]) -> dict[str, Any]:
+    secret = REPLICATED_BY_NAME[table.name].secret_columns
+    return {k: v for k, v in row.items() if k not in secret}
+
+
+def _thdScope(conn: Connection, table: Table, row: Mapping[str, Any]) -> str | None:
+    column = REPLICATED_BY_NAME[table.name].scope_column
+    if column is None:
+        return None
+    site_id = row[column]
+    return conn.execute(select(sites.c.name).where(sites.c.id == site_id)).scalar_one()
+
+
+def _thdAppend(
+    conn: Connection,
+    table: Table,
+    row_id: int,
+    op: str,
+    image: dict[str, Any] | None,
+    scope: str | None,
+    now: float,
+) -> int:
+    position = _thdNextPosition(conn)
+    conn.execute(
+        insert(changelog).values(
+            position=position,
+            table_name=table.name,
+            row_id=row_id,
+            op=op,
+            image=None if image is None else json.dumps(image, separators=(",", ":")),
+            scope=scope,
+            format=ROW_FORMAT,
+            created_at=now,
+        )
+    )
+    return position
+
+
+def _thdLogRow(conn: Connection, table: Table, row_id: int, now: float) -> None:
+    row = conn.execute(select(table).where(table.c.id == row_id)).mappings().one()
+    _thdAppend(conn, table, row_id, "upsert", _image(table, row), _thdScope(conn, table, row), now)
+
+
+def thdInsert(conn: Connection, table: Table, values: Mapping[str, Any], now: float) -> int:
+    """Insert a row into a replicated table, log its image, and return its id."""
+    row_id = conn.execute(insert(table).values(**values).returning(table.c.id)).scalar_one()
+    _thdLogRow(conn, table, row_id, now)
+    return row_id
+
+
+def thdUpdate(
+    conn: Connection, table: Table, row_id: int, values: Mapping[str, Any], now: float
+) -> None:
+    """Update one row of a replicated table by id and log its new image."""
+    conn.execute(update(table).where(table.c.id == row_id).values(**values))
+    _thdLogRow(conn, table, row_id, now)
+
+
+def thdDelete(conn: Connection, table: Table, row_id: int, now: float) -> None:
+    """Delete one row of a replicated table by id and log a delete marker."""
+    row = conn.execute(select(table).where(table.c.id == row_id)).mappings().first()
+    if row is None:
+        return
+    scope = _thdScope(conn, table, row)
+    conn.execute(delete(table).where(table.c.id == row_id))
+    _thdAppend(conn, table, row_id, "delete", None, scope, now)
+
+
+def thdDeleteWhere(conn: Connection, table: Table, where: ColumnElement[bool], now: float) -> int:
+    """Delete the matching rows one by one, each with its delete marker; return how many.
+
+    Used for children before their parent, so that the database's ``ON DELETE CASCADE``
+    never removes a replicated row without a marker.
+    """
+    ids = conn.execute(select(table.c.id).where(where)).scalars().all()
+    for row_id in ids:
+        thdDelete(conn, table, row_id, now)
+    return len(ids)
+
+
+def thdChangesSince(
+    conn: Connection, after: int, limit: int, scopes: Iterable[str | None] = (None,)
+) -> tuple[list[Change], int, bool]:
+    """Changes after position ``after`` visible to ``scopes``: ``(changes, upto, limited)``.
+
+    ``upto`` is the position the caller has now seen through (it may be beyond the last
+    returned change, when later entries belong to other sites); ``limited`` says whether
+    more remain. Follows synapse's "rows since X" shape.
+    """
+    named = {s for s in scopes if s is not None}
+    head = conn.execute(select(replication_state.c.head)).scalar_one()
+    rows = conn.execute(
+        select(changelog)
+        .where(changelog.c.position > after, changelog.c.position <= head)
+        .order_by(changelog.c.position)
+        .limit(limit)
+    ).mappings()
+    changes: list[Change] = []
+    upto = after
+    count = 0
+    for row in rows:
+        count += 1
+        upto = row["position"]
+        if row["scope"] is None or row["scope"] in named:
+            changes.append(
+                Change(
+                    position=row["position"],
+                    table=row["table_name"],
+                    row_id=row["row_id"],
+                    op=row["op"],
+                    image=None if row["image"] is None else json.loads(row["image"]),
+                    scope=row["scope"],
+                    format=row["format"],
+                )
+            )
+    limited = count == limit
+    if not limited:
+        upto = max(upto, head)
+    return changes, upto, limited
+
+
+def thdTrim(conn: Connection, upto: int) -> int:
+    """Delete change-log entries at or below ``upto``; return how many went."""
+    return conn.execute(delete(changelog).where(changelog.c.position <= upto)).rowcount
+
+
+def thdOldestPosition(conn: Connection) -> int | None:
+    """The lowest position still in the log, or None when it is empty."""
+    return conn.execute(select(func.min(changelog.c.position))).scalar()
