@@ -19,7 +19,6 @@ from twisted.logger import Logger
 
 from sitesrv.cardnumber import CardNormaliser, CardNumberError
 from sitesrv.secrets import check_verifier
-from sitesrv.store import Store
 from sitesrv.store.users import Credentials, User, thdCredentialsByCard, thdCredentialsByUsername
 
 T = TypeVar("T")
@@ -109,11 +108,12 @@ def _check(value: str, what: str) -> None:
 class Authenticator:
     """Checks credentials against the store.
 
-    ``verify`` runs a CPU-heavy function off the reactor thread and returns a Deferred
-    (in the server: ``deferToThreadPool`` on the CPU pool; in tests: synchronously).
+    ``read`` runs a ``thd`` function in a read transaction (``Store.runRead``);
+    ``verify`` runs a CPU-heavy function off the reactor thread (in the server:
+    the CPU thread pool). Tests pass synchronous versions of both.
     """
 
-    store: Store
+    read: Callable[..., Deferred[Any]]
     throttle: FailureThrottle
     verify: Callable[..., Deferred[Any]]
     normaliser: CardNormaliser = attrs.field(factory=CardNormaliser)
@@ -145,7 +145,7 @@ class Authenticator:
             normalised = self.normaliser.normalise(number)
         except CardNumberError as e:
             raise self._refuse(f"unreadable card: {e}", method, device_key) from None
-        creds = await self.store.runRead(thdCredentialsByCard, normalised)
+        creds = await self.read(thdCredentialsByCard, normalised)
         if creds is None:
             raise self._refuse("unknown card", method, device_key)
         user_key = f"user:{creds.user.username}"
@@ -164,7 +164,7 @@ class Authenticator:
         _check(password, "password")
         user_key = f"user:{username}"
         self._throttled(device_key, user_key)
-        creds: Credentials | None = await self.store.runRead(thdCredentialsByUsername, username)
+        creds: Credentials | None = await self.read(thdCredentialsByUsername, username)
         # The same message for an unknown user and a wrong password: no user enumeration.
         if creds is None:
             raise self._refuse("wrong username or password", method, device_key, user_key)
@@ -191,6 +191,6 @@ class Authenticator:
             raise self._refuse(reason, method, *keys)
 
 
-def verify_inline(fn: Callable[..., T], *args: Any) -> Deferred[T]:
+def run_inline(fn: Callable[..., T], *args: Any) -> Deferred[T]:
     """Run ``fn`` now on this thread (for tests and the CLI)."""
     return succeed(fn(*args))

@@ -78,8 +78,10 @@ class Store:
 
     def stop(self) -> None:
         """Stop the thread pools (waiting for running work) and close the engines."""
-        self._writePool.stop()
-        self._readPool.stop()
+        if self._reactor is not None:
+            self._writePool.stop()
+            self._readPool.stop()
+            self._reactor = None
         self.writer.dispose()
         if self.reader is not self.writer:
             self.reader.dispose()

@@ -1,0 +1,42 @@
+"""The zope interfaces of sitesrv, in one place.
+
+Each says who calls it and what it promises. Front-ends and plugins depend on these,
+never on the store.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IConnectorFactory(Interface):
+    """A device connector plugin, found with ``getPlugins(IConnectorFactory, connectors)``.
+
+    Provided by a module-level object in a module of the ``connectors`` plugin package.
+    The site's connector manager calls ``makeService`` for each device record whose
+    ``connector`` equals ``name``.
+    """
+
+    name = Attribute("The connector name device records refer to, e.g. 'card-reader'.")
+    description = Attribute("One line for administrators.")
+    options = Attribute(
+        "Mapping of option name to a one-line description; any other option in a device "
+        "record is an error."
+    )
+
+    def makeService(device, session_factory):  # type: ignore[no-untyped-def]
+        """Return an ``IService`` that drives ``device`` until stopped.
+
+        ``device`` is the device record (name, site, options, printer); the service uses
+        ``session_factory`` for everything it asks of the core.
+        """
+
+
+class IStatusSource(Interface):
+    """Something that reports this server's health; called by ``/health``."""
+
+    def status():  # type: ignore[no-untyped-def]
+        """Return a JSON-serialisable dict with at least role, name, mode and version."""
+
+    def serving():  # type: ignore[no-untyped-def]
+        """Whether the server answers requests now (``/health`` then returns 200)."""
