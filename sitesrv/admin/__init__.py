@@ -1,0 +1,1 @@
+"""Administration tools: the ``sitesrv-admin`` command line."""
