@@ -2,17 +2,18 @@
 
 All writes to replicated tables at the primary go through ``thdInsert``, ``thdUpdate``
 and ``thdDelete`` (or ``thdDeleteWhere``), which append to the change log in the same
-transaction. Positions come from the single ``replication_state`` row, incremented inside
-the writing transaction: a second writer waits on that row until the first commits, so
-positions become visible in commit order and a site streaming "everything after P" can
-never skip a change that committed late.
+transaction; bulk imports write many rows at once and log them with ``thdLogMany``.
+Positions come from the single ``replication_state`` row, incremented inside the writing
+transaction: a second writer waits on that row until the first commits, so positions
+become visible in commit order and a site streaming "everything after P" can never skip
+a change that committed late.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -119,6 +120,61 @@ def thdInsert(conn: Connection, table: Table, values: Mapping[str, Any], now: fl
     row_id = conn.execute(insert(table).values(**values).returning(table.c.id)).scalar_one()
     _thdLogRow(conn, table, row_id, now)
     return row_id
+
+
+#: Most ids put in one ``IN (...)`` list (SQLite allows 32766 variables per statement).
+_IN_CHUNK = 1000
+
+
+def thdRows(conn: Connection, table: Table, row_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """The current rows of ``table`` with these ids, by id (for ``thdLogMany``)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for start in range(0, len(row_ids), _IN_CHUNK):
+        chunk = row_ids[start : start + _IN_CHUNK]
+        for row in conn.execute(select(table).where(table.c.id.in_(chunk))).mappings():
+            rows[row["id"]] = dict(row)
+    return rows
+
+
+def thdLogMany(
+    conn: Connection, entries: Sequence[tuple[Table, Mapping[str, Any]]], now: float
+) -> int:
+    """Log upsert images of rows already written, in this order; return the last position.
+
+    The bulk form of what ``thdInsert`` and ``thdUpdate`` log: ``entries`` are
+    ``(table, row)`` with the row as ``thdRows`` read it. All positions come from one
+    counter update, so they are consecutive and ordered like those of one writer.
+    """
+    if not entries:
+        return thdState(conn)[1]
+    last = conn.execute(
+        update(replication_state)
+        .where(replication_state.c.id == 1)
+        .values(head=replication_state.c.head + len(entries))
+        .returning(replication_state.c.head)
+    ).scalar_one()
+    first = last - len(entries) + 1
+    scopes: dict[tuple[str, Any], str | None] = {}
+    values = []
+    for offset, (table, row) in enumerate(entries):
+        column = REPLICATED_BY_NAME[table.name].scope_column
+        key = (table.name, None if column is None else row[column])
+        if key not in scopes:
+            scopes[key] = _thdScope(conn, table, row)
+        values.append(
+            {
+                "position": first + offset,
+                "table_name": table.name,
+                "row_id": row["id"],
+                "op": "upsert",
+                "image": json.dumps(_image(table, row), separators=(",", ":")),
+                "scope": scopes[key],
+                "format": ROW_FORMAT,
+                "created_at": now,
+            }
+        )
+    conn.execute(insert(changelog), values)
+    return last
 
 
 def thdUpdate(

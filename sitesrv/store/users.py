@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import uuid as uuidlib
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from sitesrv.errors import AlreadyExists, Invalid, NotFound
 from sitesrv.store import ledger
-from sitesrv.store.changelog import thdDelete, thdDeleteWhere, thdInsert, thdUpdate
+from sitesrv.store.changelog import (
+    thdDelete,
+    thdDeleteWhere,
+    thdInsert,
+    thdLogMany,
+    thdRows,
+    thdUpdate,
+)
 from sitesrv.store.schema import (
     AccountType,
     accounts,
@@ -17,6 +26,7 @@ from sitesrv.store.schema import (
     group_members,
     groups,
     passwords,
+    transactions,
     users,
 )
 
@@ -295,6 +305,185 @@ def thdCardsOf(conn: Connection, user_id: int) -> list[str]:
             select(cards.c.number).where(cards.c.user_id == user_id).order_by(cards.c.number)
         ).scalars()
     )
+
+
+# -- bulk import ----------------------------------------------------------------------
+
+#: Users written per round of multi-row statements by ``thdImportUsers``.
+IMPORT_CHUNK = 500
+
+
+@attrs.frozen
+class NewUser:
+    """A user to import: what ``thdAddUser`` takes, and their normalised card numbers."""
+
+    username: str
+    full_name: str = ""
+    email: str = ""
+    balance: int = 0
+    restricted: bool = True
+    credit_limit: int = 0
+    password_verifier: str | None = None
+    cards: tuple[str, ...] = ()
+
+
+def _thdExisting(conn: Connection, column: Any, values: list[str]) -> Any:
+    """The first of ``values`` already in ``column`` (with the matching row), or None."""
+    for start in range(0, len(values), IMPORT_CHUNK):
+        chunk = values[start : start + IMPORT_CHUNK]
+        row = conn.execute(select(column.table).where(column.in_(chunk))).first()
+        if row is not None:
+            return row
+    return None
+
+
+def thdImportUsers(
+    conn: Connection, new_users: Iterable[NewUser], now: float, *, site: str = ""
+) -> int:
+    """Create many users with their accounts and cards; return how many.
+
+    The result, change log included, is exactly that of ``thdAddUser`` followed by
+    ``thdAddCard`` for each card, user by user, but written with multi-row statements:
+    a directory import of 100,000 users takes seconds, not minutes. Everything is
+    checked first (the same errors as the one-by-one functions), so a refused import
+    writes nothing.
+    """
+    batch = [
+        attrs.evolve(u, username=check_name("user", u.username), cards=tuple(u.cards))
+        for u in new_users
+    ]
+    names: set[str] = set()
+    owners: dict[str, str] = {}
+    for u in batch:
+        if u.credit_limit < 0:
+            raise Invalid("the credit limit must not be negative")
+        if u.username in names:
+            raise AlreadyExists(f"user {u.username!r} already exists")
+        names.add(u.username)
+        for number in u.cards:
+            if not number or len(number) > MAX_NAME:
+                raise Invalid("a card number must be 1 to 200 characters")
+            if number in owners:
+                raise AlreadyExists(f"card {number!r} already belongs to {owners[number]!r}")
+            owners[number] = u.username
+    usernames = [u.username for u in batch]
+    if (row := _thdExisting(conn, users.c.username, usernames)) is not None:
+        raise AlreadyExists(f"user {row.username!r} already exists")
+    if (row := _thdExisting(conn, accounts.c.name, usernames)) is not None:
+        raise AlreadyExists(f"an account named {row.name!r} already exists")
+    if (row := _thdExisting(conn, cards.c.number, list(owners))) is not None:
+        owner = conn.execute(select(users.c.username).where(users.c.id == row.user_id)).scalar()
+        raise AlreadyExists(f"card {row.number!r} already belongs to {owner!r}")
+    for start in range(0, len(batch), IMPORT_CHUNK):
+        _thdImportChunk(conn, batch[start : start + IMPORT_CHUNK], now, site)
+    return len(batch)
+
+
+def _thdImportChunk(conn: Connection, chunk: list[NewUser], now: float, site: str) -> None:
+    # Insert in the order the one-by-one path would, table by table (so the ids come out
+    # the same), then log the rows in its per-user order.
+    user_ids: dict[str, int] = dict(
+        conn.execute(
+            insert(users).returning(users.c.username, users.c.id),
+            [
+                {
+                    "username": u.username,
+                    "full_name": u.full_name,
+                    "email": u.email,
+                    "disabled": False,
+                    "created_at": now,
+                }
+                for u in chunk
+            ],
+        ).all()
+    )
+    account_ids: dict[int, int] = dict(
+        conn.execute(
+            insert(accounts).returning(accounts.c.user_id, accounts.c.id),
+            [
+                {
+                    "name": u.username,
+                    "type": AccountType.PERSONAL.value,
+                    "user_id": user_ids[u.username],
+                    "balance": 0,
+                    "restricted": u.restricted,
+                    "credit_limit": u.credit_limit,
+                    "created_at": now,
+                }
+                for u in chunk
+            ],
+        ).all()
+    )
+    user_rows = thdRows(conn, users, list(user_ids.values()))
+    opened = thdRows(conn, accounts, list(account_ids.values()))
+    funded = [u for u in chunk if u.balance]
+    balanced: dict[int, dict[str, Any]] = {}
+    if funded:
+        # What ledger.thdPost does for an opening balance: a new image of the account
+        # and a transaction (its own UUID; transactions are not in the change log).
+        conn.execute(
+            update(accounts)
+            .where(accounts.c.id == bindparam("account_id"))
+            .values(balance=bindparam("new_balance")),
+            [
+                {"account_id": account_ids[user_ids[u.username]], "new_balance": u.balance}
+                for u in funded
+            ],
+        )
+        balanced = thdRows(conn, accounts, [account_ids[user_ids[u.username]] for u in funded])
+        conn.execute(
+            insert(transactions),
+            [
+                {
+                    "uuid": str(uuidlib.uuid4()),
+                    "account_id": account_ids[user_ids[u.username]],
+                    "account_name": u.username,
+                    "amount": u.balance,
+                    "balance_after": u.balance,
+                    "reason": "initial",
+                    "comment": "opening balance",
+                    "job_uuid": None,
+                    "site": site,
+                    "created_at": now,
+                }
+                for u in funded
+            ],
+        )
+    verifiers = [u for u in chunk if u.password_verifier is not None]
+    password_rows: dict[int, dict[str, Any]] = {}
+    if verifiers:
+        password_ids: dict[int, int] = dict(
+            conn.execute(
+                insert(passwords).returning(passwords.c.user_id, passwords.c.id),
+                [
+                    {"user_id": user_ids[u.username], "verifier": u.password_verifier}
+                    for u in verifiers
+                ],
+            ).all()
+        )
+        rows = thdRows(conn, passwords, list(password_ids.values()))
+        password_rows = {row["user_id"]: row for row in rows.values()}
+    card_rows: dict[str, dict[str, Any]] = {}
+    numbers = [(number, user_ids[u.username]) for u in chunk for number in u.cards]
+    if numbers:
+        card_ids = conn.execute(
+            insert(cards).returning(cards.c.id),
+            [{"number": n, "user_id": uid, "created_at": now} for n, uid in numbers],
+        ).scalars()
+        rows = thdRows(conn, cards, list(card_ids))
+        card_rows = {row["number"]: row for row in rows.values()}
+    entries: list[tuple[Any, dict[str, Any]]] = []
+    for u in chunk:
+        user_id = user_ids[u.username]
+        account_id = account_ids[user_id]
+        entries.append((users, user_rows[user_id]))
+        entries.append((accounts, opened[account_id]))
+        if account_id in balanced:
+            entries.append((accounts, balanced[account_id]))
+        if user_id in password_rows:
+            entries.append((passwords, password_rows[user_id]))
+        entries.extend((cards, card_rows[number]) for number in u.cards)
+    thdLogMany(conn, entries, now)
 
 
 # -- groups ---------------------------------------------------------------------------
