@@ -3,4 +3,5 @@
 __version__ = "0.1.0"
 
 #: Version of the replication wire protocol (see docs/protocols/replication.rst).
-PROTOCOL_VERSION = 1
+#: 2 compresses row batches with zlib; the primary still serves version 1 sites.
+PROTOCOL_VERSION = 2

@@ -40,3 +40,40 @@ class IStatusSource(Interface):
 
     def serving():  # type: ignore[no-untyped-def]
         """Whether the server answers requests now (``/health`` then returns 200)."""
+
+
+class IReplicationObserver(Interface):
+    """Told by the site's replication client what happens on the link to the primary.
+
+    Implemented by the failover machine; every method returns quickly and never raises.
+    """
+
+    def connected(skew):  # type: ignore[no-untyped-def]
+        """The primary accepted our hello; ``skew`` is site clock minus primary clock (s)."""
+
+    def syncing(reason):  # type: ignore[no-untyped-def]
+        """A (re-)snapshot is being loaded, for ``reason``; the old replica still serves."""
+
+    def snapshotLoaded():  # type: ignore[no-untyped-def]
+        """A complete snapshot has been swapped in."""
+
+    def changesApplied(count, position):  # type: ignore[no-untyped-def]
+        """A batch of ``count`` changes was applied; the replica is at ``position``."""
+
+    def caughtUp(position):  # type: ignore[no-untyped-def]
+        """The replica has reached the primary's head."""
+
+    def outboxDrained():  # type: ignore[no-untyped-def]
+        """Everything the site recorded has been applied at the primary."""
+
+    def heartbeatMissed(reason):  # type: ignore[no-untyped-def]
+        """The primary was silent for three heartbeat intervals; the link is being dropped."""
+
+    def lost(reason):  # type: ignore[no-untyped-def]
+        """The link closed, or was dropped after missed heartbeats."""
+
+    def refused(reason):  # type: ignore[no-untyped-def]
+        """The primary refused us (unknown site, bad token, version); we retry."""
+
+    def revoked(reason):  # type: ignore[no-untyped-def]
+        """The primary revoked this site: stop serving."""

@@ -6,6 +6,7 @@ endpoint strings in the config, so TCP, TLS, interfaces and ports are the user's
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,9 +25,14 @@ import sitesrv
 from sitesrv.cardnumber import CardNormaliser
 from sitesrv.config import Config
 from sitesrv.core.auth import Authenticator, FailureThrottle
+from sitesrv.failover import Failover, FailoverObserver
 from sitesrv.interfaces import IStatusSource
+from sitesrv.replication.primary import PrimaryReplication
+from sitesrv.replication.site import SiteReplication, link_endpoint
 from sitesrv.store import Store
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
+from sitesrv.store.replica import thdReplicaState
+from sitesrv.tls import TLSError
 from sitesrv.web.root import make_root
 
 T = TypeVar("T")
@@ -56,17 +62,70 @@ class Server(MultiService):
             verify=self.runCPU,
             normaliser=CardNormaliser(),
         )
+        self.failover: Failover | None = None
+        self.observer: FailoverObserver | None = None
+        self.replication: PrimaryReplication | SiteReplication | None = None
+        if config.role == "primary":
+            self._setUpPrimary()
+        else:
+            self._setUpSite()
         self.web = strports.service(config.listen.web, Site(make_root(self)), reactor=reactor)
         self.web.setServiceParent(self)
+
+    def _setUpPrimary(self) -> None:
+        config = self.config
+        replication = PrimaryReplication(
+            self.store,
+            config.name,
+            self.reactor,
+            heartbeat=config.replication.heartbeat,
+            changelog_max_age=config.replication.changelog_max_age_days * 86400.0,
+            reactor=self.reactor,
+        )
+        replication.setServiceParent(self)
+        self.replication = replication
+        listener = strports.service(
+            config.replication_endpoint, replication.factory(), reactor=self.reactor
+        )
+        listener.setServiceParent(self)
+
+    def _setUpSite(self) -> None:
+        config = self.config
+        assert config.primary is not None
+        self.failover = Failover(self.reactor)
+        self.observer = FailoverObserver(self.failover)
+        try:
+            endpoint = link_endpoint(config.primary, self.reactor)
+        except TLSError as e:
+            raise StartupError(str(e)) from None
+        replication = SiteReplication(
+            self.store,
+            config.name,
+            config.primary,
+            self.observer,
+            self.reactor,
+            endpoint,
+            max_backoff=config.replication.max_backoff,
+        )
+        replication.setServiceParent(self)
+        self.replication = replication
 
     def runCPU(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run CPU-heavy ``fn(*args)`` on the CPU thread pool."""
         return deferToThreadPool(self.reactor, self.cpu, fn, *args)
 
     def startService(self) -> None:
-        """Start the thread pools, then the listeners."""
+        """Start the thread pools, then replication and the listeners."""
         self.store.start(self.reactor)
         self.cpu.start()
+        if self.failover is not None:
+            # A site with a complete replica serves at once, offline until connected.
+            state = self.store.read(thdReplicaState)
+            if state.complete:
+                self.failover.inputs.replicaFound(
+                    f"complete replica at position {state.position} stored"
+                )
+                self.failover.core.last_sync = state.last_sync
         super().startService()
         log.info(
             "sitesrv {version} started as {role} {name!r}; web on {web}",
@@ -88,16 +147,16 @@ class Server(MultiService):
     # -- IStatusSource -------------------------------------------------------------------
 
     def mode(self) -> str:
-        """The server's mode: a primary is always online; a site has no replica yet."""
-        return "online" if self.config.role == "primary" else "unsynced"
+        """The server's mode: a primary is always online; a site's comes from failover."""
+        return "online" if self.failover is None else self.failover.mode
 
     def serving(self) -> bool:
         """Whether requests are answered in the current mode."""
-        return self.mode() not in ("unsynced", "revoked")
+        return self.failover is None or self.failover.serving()
 
     def status(self) -> dict[str, Any]:
         """What ``/health`` reports."""
-        return {
+        status: dict[str, Any] = {
             "role": self.config.role,
             "name": self.config.name,
             "version": sitesrv.__version__,
@@ -106,6 +165,19 @@ class Server(MultiService):
             "since": self.started_at,
             "problems": [],
         }
+        if self.failover is not None and self.observer is not None:
+            core = self.failover.core
+            status.update(
+                since=core.since,
+                last_sync=core.last_sync,
+                clock_skew=self.observer.skew,
+                problems=list(self.observer.problems),
+                transitions=[
+                    {"at": t.at, "from": t.old, "to": t.new, "input": t.input, "reason": t.reason}
+                    for t in core.history
+                ],
+            )
+        return status
 
 
 def make_server(config: Config, reactor: IReactorTime | IReactorThreads) -> Server:
@@ -125,4 +197,12 @@ def make_server(config: Config, reactor: IReactorTime | IReactorThreads) -> Serv
         raise StartupError(f"cannot open database {config.database}: {first}") from None
     except OSError as e:
         raise StartupError(f"cannot create the database directory: {e}") from None
+    if config.role == "primary" and config.listen.replication is None:
+        for path in (config.tls.key, config.tls.cert):
+            if not os.path.exists(path):
+                raise StartupError(
+                    f"{path} is missing: the replication port uses TLS by default; create "
+                    f"it with `sitesrv-admin --config {config.path} tls init --hostname HOST "
+                    f"--out {os.path.dirname(path)}` or set listen.replication"
+                )
     return Server(config, store, reactor)

@@ -25,6 +25,7 @@ from sitesrv.store.schema import (
     ROW_FORMAT,
     changelog,
     replication_state,
+    site_links,
     sites,
 )
 
@@ -251,6 +252,21 @@ def thdChangesSince(
 def thdTrim(conn: Connection, upto: int) -> int:
     """Delete change-log entries at or below ``upto``; return how many went."""
     return conn.execute(delete(changelog).where(changelog.c.position <= upto)).rowcount
+
+
+def thdTrimOld(conn: Connection, older_than: float) -> int:
+    """Trim what every connected, unrevoked site has applied, and anything older than
+    ``older_than`` (a site that lagged that long re-snapshots). Return how many went."""
+    slowest = conn.execute(
+        select(func.min(site_links.c.position))
+        .select_from(site_links.join(sites, sites.c.name == site_links.c.site))
+        .where(sites.c.revoked.is_(False))
+    ).scalar()
+    trimmed = 0
+    if slowest is not None:
+        trimmed += thdTrim(conn, slowest)
+    trimmed += conn.execute(delete(changelog).where(changelog.c.created_at < older_than)).rowcount
+    return trimmed
 
 
 def thdOldestPosition(conn: Connection) -> int | None:

@@ -174,7 +174,8 @@ printers = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(200), nullable=False, unique=True),
-    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False, index=True),
+    # No foreign key to sites: a site replica holds only its own site row.
+    Column("site_id", Integer, nullable=False, index=True),
     Column("price_mono", BigInteger, nullable=False),
     Column("price_colour", BigInteger, nullable=False),
     # Percentage taken off the price of duplex pages (0-100).
@@ -192,7 +193,8 @@ devices = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(200), nullable=False, unique=True),
-    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False, index=True),
+    # No foreign key to sites: a site replica holds only its own site row.
+    Column("site_id", Integer, nullable=False, index=True),
     # Name of the connector plugin that drives this device.
     Column("connector", String(100), nullable=False),
     # JSON object of connector options.
@@ -208,7 +210,8 @@ providers = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(200), nullable=False, unique=True),
-    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False, index=True),
+    # No foreign key to sites: a site replica holds only its own site row.
+    Column("site_id", Integer, nullable=False, index=True),
     Column("key_hash", String(200), nullable=False),
     Column("created_at", Time, nullable=False),
     sqlite_autoincrement=True,
@@ -347,3 +350,56 @@ REPLICATED_BY_NAME = {r.table.name: r for r in REPLICATED}
 
 #: Version of the row-image format in the change log and on the wire.
 ROW_FORMAT = 1
+
+# --- primary-only: what the primary knows of each site's link ------------------------
+
+site_links = Table(
+    "site_links",
+    metadata,
+    Column("site", String(100), primary_key=True),
+    Column("connected", Boolean, nullable=False, default=False),
+    # When the link last went up or down.
+    Column("since", Time, nullable=False),
+    Column("last_seen", Time, nullable=False),
+    # The change-log position the site has applied.
+    Column("position", BigInteger, nullable=False, default=0),
+    # Site clock minus primary clock at the last hello, in seconds.
+    Column("skew", Double, nullable=False, default=0.0),
+    Column("software_version", String(50), nullable=False, default=""),
+    Column("protocol_version", Integer, nullable=False, default=0),
+    Column("address", String(100), nullable=False, default=""),
+    # Whether the site's replica holds password verifiers (its password-login policy).
+    Column("passwords_included", Boolean, nullable=False, default=False),
+)
+
+# --- site-owned: the replica's own state -------------------------------------------
+
+# One row (id = 1) at a site: which epoch and position its replica reflects, and
+# whether a complete snapshot has ever been loaded (the "complete replica" fact).
+replica_state = Table(
+    "replica_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("epoch", String(36), nullable=False, default=""),
+    Column("position", BigInteger, nullable=False, default=0),
+    Column("complete", Boolean, nullable=False, default=False),
+    # When the replica last caught up with the primary's head.
+    Column("last_sync", Time, nullable=True),
+)
+
+
+def _shadow(table: Table) -> Table:
+    # Same columns, no constraints but the primary key: a snapshot is loaded here page
+    # by page, then swapped into the real table in one transaction.
+    return Table(
+        f"shadow_{table.name}",
+        metadata,
+        *(
+            Column(c.name, c.type, primary_key=c.primary_key, autoincrement=False)
+            for c in table.columns
+        ),
+    )
+
+
+#: Shadow tables for snapshot loading, by replicated table name.
+SHADOW: dict[str, Table] = {r.table.name: _shadow(r.table) for r in REPLICATED}

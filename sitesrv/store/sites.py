@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, insert, select, update
 
 from sitesrv.errors import AlreadyExists, Invalid, NotFound
 from sitesrv.secrets import hash_token, new_token
 from sitesrv.store.changelog import thdInsert, thdUpdate
-from sitesrv.store.schema import sites
+from sitesrv.store.schema import site_links, sites
 from sitesrv.store.users import check_name
 
 
@@ -119,3 +119,94 @@ def thdRotateToken(conn: Connection, name: str, now: float) -> str:
     token = new_token()
     thdUpdate(conn, sites, site.id, {"token_hash": hash_token(token), "revoked": False}, now)
     return token
+
+
+# -- the primary's view of each site's replication link --------------------------------
+
+
+@attrs.frozen
+class SiteAuth:
+    """What the primary checks when a site says hello."""
+
+    name: str
+    is_primary: bool
+    revoked: bool
+    token_hash: str | None
+
+
+@attrs.frozen
+class SiteLink:
+    """A site's replication link as the primary last saw it."""
+
+    site: str
+    connected: bool
+    since: float
+    last_seen: float
+    position: int
+    skew: float
+    software_version: str
+    protocol_version: int
+    address: str
+    passwords_included: bool
+
+
+def thdSiteAuth(conn: Connection, name: str) -> SiteAuth | None:
+    """The enrolment facts of site ``name``, or None when there is no such site."""
+    row = conn.execute(
+        select(sites.c.name, sites.c.is_primary, sites.c.revoked, sites.c.token_hash).where(
+            sites.c.name == name
+        )
+    ).first()
+    if row is None:
+        return None
+    return SiteAuth(row.name, bool(row.is_primary), bool(row.revoked), row.token_hash)
+
+
+def thdSiteOfTokenHash(conn: Connection, token_hash: str) -> str | None:
+    """The name of the site whose token has this hash, or None."""
+    return conn.execute(select(sites.c.name).where(sites.c.token_hash == token_hash)).scalar()
+
+
+def thdRevokedSites(conn: Connection) -> set[str]:
+    """Names of revoked sites."""
+    return set(conn.execute(select(sites.c.name).where(sites.c.revoked)).scalars())
+
+
+def thdLink(conn: Connection, site: str) -> SiteLink | None:
+    """The link record of a site, or None when it never connected."""
+    row = conn.execute(select(site_links).where(site_links.c.site == site)).first()
+    return None if row is None else SiteLink(**{k: row._mapping[k] for k in row._mapping})
+
+
+def thdLinks(conn: Connection) -> dict[str, SiteLink]:
+    """All link records, by site name."""
+    return {
+        row.site: SiteLink(**{k: row._mapping[k] for k in row._mapping})
+        for row in conn.execute(select(site_links))
+    }
+
+
+def thdLinkUp(conn: Connection, site: str, now: float, **values: Any) -> None:
+    """Record that a site connected (values: position, skew, versions, address, ...)."""
+    values = {**values, "connected": True, "since": now, "last_seen": now}
+    if conn.execute(update(site_links).where(site_links.c.site == site).values(**values)).rowcount:
+        return
+    conn.execute(insert(site_links).values(site=site, **values))
+
+
+def thdLinkSeen(conn: Connection, site: str, now: float, position: int) -> None:
+    """Record a site's latest applied position."""
+    conn.execute(
+        update(site_links)
+        .where(site_links.c.site == site)
+        .values(last_seen=now, position=position)
+    )
+
+
+def thdLinkDown(conn: Connection, site: str, now: float) -> None:
+    """Record that a site's link went down."""
+    conn.execute(
+        update(site_links)
+        .where(site_links.c.site == site)
+        .values(connected=False, since=now, last_seen=now)
+    )
