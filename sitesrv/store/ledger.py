@@ -169,13 +169,18 @@ def thdPost(
     """
     if reason not in REASONS:
         raise Invalid(f"unknown transaction reason {reason!r}")
+    # Lock the account row first (PostgreSQL runs several writers): a concurrent post
+    # to it waits here until we commit, then sees our balance and our UUID, so neither
+    # a charge nor a resend's de-duplication is lost. SQLite's writer lock does this.
+    row = conn.execute(
+        select(accounts).where(accounts.c.id == account_id).with_for_update()
+    ).first()
     if txn_uuid is None:
         txn_uuid = str(uuidlib.uuid4())
     else:
         existing = thdTransactionByUUID(conn, txn_uuid)
         if existing is not None:
             return attrs.evolve(existing, applied=False)
-    row = conn.execute(select(accounts).where(accounts.c.id == account_id)).first()
     if row is None:
         raise NotFound(f"no account with id {account_id}")
     account = _account(row)
