@@ -547,7 +547,7 @@ class ObserverTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IReplicationObserver, self.observer))
 
     def test_event_to_input(self) -> None:
-        """Each event feeds one input with its reason; syncing and changesApplied none."""
+        """Each event feeds one input with its reason; the progress events feed none."""
         events: list[tuple[Callable[[FailoverObserver], Any], list[tuple[str, str]]]] = [
             (
                 lambda o: o.connected(skew=0.5),
@@ -569,6 +569,8 @@ class ObserverTests(SynchronousTestCase):
             ),
             (lambda o: o.revoked("site revoked"), [("revoked", "site revoked")]),
         ]
+        if hasattr(FailoverObserver, "outboxSubmitted"):  # arrives with the outbox
+            events.append((lambda o: o.outboxSubmitted(5, 42), []))
         for event, expected in events:
             recording = RecordingInputs()
             self.failover.inputs = recording
@@ -593,6 +595,32 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(self.failover.mode, "reconciling")
         self.observer.outboxDrained()
         self.observer.caughtUp(9)
+        self.assertEqual(self.failover.mode, "online")
+
+    def test_drain_after_snapshot_reaches_online(self) -> None:
+        """Draining the outbox after a snapshot (then pulling) reaches online too."""
+        self.observer.connected(skew=0.0)
+        self.observer.syncing("no complete replica")
+        self.observer.snapshotLoaded()
+        self.observer.outboxDrained()
+        self.observer.caughtUp(5)
+        self.assertEqual(self.failover.mode, "online")
+        feed(self.failover, ["lost", "connected"])
+        self.observer.syncing("the primary was restored from a backup")
+        self.observer.snapshotLoaded()
+        self.assertEqual(self.failover.mode, "reconciling")
+        self.observer.outboxDrained()
+        self.observer.caughtUp(3)
+        self.assertEqual(self.failover.mode, "online")
+
+    def test_caught_up_during_drain_then_pull(self) -> None:
+        """A caughtUp while reconciling is not lost: the pull after the drain repeats it."""
+        feed(self.failover, ["replicaFound", "connected"])
+        self.observer.caughtUp(7)  # a poke's pull finished while the outbox drained
+        self.assertEqual(self.failover.mode, "reconciling")
+        self.observer.outboxDrained()
+        self.assertEqual(self.failover.mode, "syncing")
+        self.observer.caughtUp(7)  # the client always pulls after draining
         self.assertEqual(self.failover.mode, "online")
 
     def test_refused_keeps_offline_site_offline(self) -> None:
