@@ -130,10 +130,12 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("reconciling", "heartbeatMissed"): "offline",
     ("reconciling", "lost"): "offline",
     ("reconciling", "revoked"): "revoked",
-    # revoked: only a successful hello (after `site rotate-token`) lifts it.
+    # revoked: only a successful hello (after `site rotate-token`) lifts it. Revocation
+    # marks the stored replica incomplete, so a re-admitted site serves again only once
+    # a fresh snapshot is in (and a revoked site that restarts starts unsynced).
     ("revoked", "replicaFound"): "revoked",
-    ("revoked", "connected"): "reconciling",
-    ("revoked", "snapshotLoaded"): "revoked",
+    ("revoked", "connected"): "unsynced",
+    ("revoked", "snapshotLoaded"): "syncing",
     ("revoked", "outboxDrained"): "revoked",
     ("revoked", "caughtUp"): "revoked",
     ("revoked", "heartbeatMissed"): "revoked",
@@ -261,6 +263,9 @@ class FailoverObserver:
     def snapshotLoaded(self) -> None:
         """A snapshot is in."""
         self.failover.inputs.snapshotLoaded("snapshot loaded")
+
+    def outboxSubmitted(self, count: int, applied_seq: int) -> None:
+        """Records went to the primary (no mode change)."""
 
     def outboxDrained(self) -> None:
         """The outbox is empty up to what the primary has applied."""

@@ -36,7 +36,7 @@ class IStatusSource(Interface):
     """Something that reports this server's health; called by ``/health``."""
 
     def status():  # type: ignore[no-untyped-def]
-        """Return a JSON-serialisable dict with at least role, name, mode and version."""
+        """A Deferred firing with a JSON-serialisable dict (role, name, mode, version...)."""
 
     def serving():  # type: ignore[no-untyped-def]
         """Whether the server answers requests now (``/health`` then returns 200)."""
@@ -62,6 +62,9 @@ class IReplicationObserver(Interface):
 
     def caughtUp(position):  # type: ignore[no-untyped-def]
         """The replica has reached the primary's head."""
+
+    def outboxSubmitted(count, applied_seq):  # type: ignore[no-untyped-def]
+        """``count`` records were submitted; the primary has applied up to ``applied_seq``."""
 
     def outboxDrained():  # type: ignore[no-untyped-def]
         """Everything the site recorded has been applied at the primary."""

@@ -15,6 +15,7 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -25,12 +26,14 @@ import sitesrv
 from sitesrv.cardnumber import CardNormaliser
 from sitesrv.config import Config
 from sitesrv.core.auth import Authenticator, FailureThrottle
+from sitesrv.core.gate import Gate
 from sitesrv.failover import Failover, FailoverObserver
 from sitesrv.interfaces import IStatusSource
 from sitesrv.replication.primary import PrimaryReplication
 from sitesrv.replication.site import SiteReplication, link_endpoint
 from sitesrv.store import Store
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
+from sitesrv.store.outbox import thdPendingCount, thdPrune
 from sitesrv.store.replica import thdReplicaState
 from sitesrv.tls import TLSError
 from sitesrv.web.root import make_root
@@ -62,6 +65,7 @@ class Server(MultiService):
             verify=self.runCPU,
             normaliser=CardNormaliser(),
         )
+        self._prune: LoopingCall | None = None
         self.failover: Failover | None = None
         self.observer: FailoverObserver | None = None
         self.replication: PrimaryReplication | SiteReplication | None = None
@@ -69,6 +73,16 @@ class Server(MultiService):
             self._setUpPrimary()
         else:
             self._setUpSite()
+        self.gate = Gate(
+            role=config.role,
+            site=config.name,
+            authenticator=self.authenticator,
+            read=store.runRead,
+            write=store.runWrite,
+            clock=reactor,
+            failover=self.failover,
+            recorded=self._outboxChanged,
+        )
         self.web = strports.service(config.listen.web, Site(make_root(self)), reactor=reactor)
         self.web.setServiceParent(self)
 
@@ -110,6 +124,15 @@ class Server(MultiService):
         replication.setServiceParent(self)
         self.replication = replication
 
+    def _outboxChanged(self) -> None:
+        if isinstance(self.replication, SiteReplication):
+            self.replication.outboxChanged()
+
+    def pruneOutbox(self) -> Deferred[int]:
+        """Delete outbox records the primary applied longer ago than the retention time."""
+        keep = self.config.replication.outbox_retention_days * 86400.0
+        return self.store.runWrite(thdPrune, self.reactor.seconds() - keep)
+
     def runCPU(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run CPU-heavy ``fn(*args)`` on the CPU thread pool."""
         return deferToThreadPool(self.reactor, self.cpu, fn, *args)
@@ -127,6 +150,10 @@ class Server(MultiService):
                 )
                 self.failover.core.last_sync = state.last_sync
         super().startService()
+        if self.config.role == "site":
+            self._prune = LoopingCall(self.pruneOutbox)
+            self._prune.clock = self.reactor
+            self._prune.start(600.0, now=False)
         log.info(
             "sitesrv {version} started as {role} {name!r}; web on {web}",
             version=sitesrv.__version__,
@@ -136,6 +163,8 @@ class Server(MultiService):
         )
 
     async def _stop(self) -> None:
+        if self._prune is not None and self._prune.running:
+            self._prune.stop()
         await super().stopService()  # type: ignore[misc]
         self.cpu.stop()
         self.store.stop()
@@ -154,8 +183,11 @@ class Server(MultiService):
         """Whether requests are answered in the current mode."""
         return self.failover is None or self.failover.serving()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Deferred[dict[str, Any]]:
         """What ``/health`` reports."""
+        return Deferred.fromCoroutine(self._status())
+
+    async def _status(self) -> dict[str, Any]:
         status: dict[str, Any] = {
             "role": self.config.role,
             "name": self.config.name,
@@ -176,6 +208,7 @@ class Server(MultiService):
                     {"at": t.at, "from": t.old, "to": t.new, "input": t.input, "reason": t.reason}
                     for t in core.history
                 ],
+                outbox_pending=await self.store.runRead(thdPendingCount),
             )
         return status
 

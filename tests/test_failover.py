@@ -102,8 +102,10 @@ EXPECTED: dict[str, dict[str, str]] = {
     },
     "revoked": {
         "replicaFound": "revoked",
-        "connected": "reconciling",  # re-admitted (rotate-token): drain, then catch up
-        "snapshotLoaded": "revoked",
+        # Re-admitted (rotate-token). Revocation discarded the replica, so nothing is
+        # served until a fresh snapshot is in.
+        "connected": "unsynced",
+        "snapshotLoaded": "syncing",
         "outboxDrained": "revoked",
         "caughtUp": "revoked",
         "heartbeatMissed": "revoked",
@@ -318,18 +320,16 @@ for _mode, _name in itertools.product(ALL_MODES, ALL_INPUTS):
     )
 
 
-class KnownGapTests(SynchronousTestCase):
-    """Behaviour DESIGN.md asks for that the table cannot give yet (see docs/failover.rst)."""
+class ReadmissionTests(SynchronousTestCase):
+    """A revoked site re-admitted by the primary serves again only from a fresh snapshot."""
 
     def test_readmitted_before_first_sync_does_not_serve(self) -> None:
         """A site revoked before it ever had a replica serves nothing when re-admitted."""
         failover = Failover(Clock())
         feed(failover, ["revoked", "connected"])
         self.assertFalse(failover.serving(), f"serving in {failover.mode} with no replica")
-
-    test_readmitted_before_first_sync_does_not_serve.todo = (  # type: ignore[attr-defined]
-        "(revoked, connected) -> reconciling also for a site with no replica"
-    )
+        feed(failover, ["snapshotLoaded", "outboxDrained", "caughtUp"])
+        self.assertEqual(failover.mode, "online")
 
 
 class HistoryTests(SynchronousTestCase):

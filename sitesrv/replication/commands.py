@@ -145,3 +145,16 @@ class Revoke(amp.Command):
     arguments = [(b"reason", amp.Unicode())]
     response: list[tuple[bytes, amp.Argument]] = []
     requiresAnswer = False
+
+
+class SubmitOutbox(amp.Command):
+    """Site → primary: a batch of outbox records, in sequence order.
+
+    The primary applies the batch in one transaction (de-duplicating by UUID) and answers
+    with the site's ``applied_seq``; the same transaction updates the replicated site row,
+    so the stream carries the new balances and ``applied_seq`` together.
+    """
+
+    arguments = [(b"records", amp.String())]
+    response = [(b"applied_seq", amp.Integer())]
+    fatalErrors = COMMON_ERRORS

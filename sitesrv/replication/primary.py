@@ -38,6 +38,7 @@ from sitesrv.replication.commands import (
     Revoke,
     SiteRevoked,
     SnapshotPage,
+    SubmitOutbox,
     UnknownSite,
     VersionRefused,
 )
@@ -51,6 +52,7 @@ from sitesrv.store.changelog import (
     thdState,
     thdTrimOld,
 )
+from sitesrv.store.outbox import thdApplyOutbox
 from sitesrv.store.policies import thdEffectivePolicies
 from sitesrv.store.sites import (
     thdLink,
@@ -280,6 +282,21 @@ class SiteSession(LivenessAMP):
             # Compressed worse than expected: send the first half now.
             items = items[: len(items) // 2]
             upto, limited = items[-1][0], True
+
+    # -- outbox ---------------------------------------------------------------------
+
+    @SubmitOutbox.responder
+    def submitOutbox(self, records: bytes) -> Deferred[dict[str, Any]]:
+        """Apply a batch of the site's outbox records; answer with its applied_seq."""
+        return Deferred.fromCoroutine(self._submitOutbox(records))
+
+    async def _submitOutbox(self, records: bytes) -> dict[str, Any]:
+        site = self._require_site()
+        batch = codec.unpack(records, self.protocol_version)
+        applied = await self.store.runWrite(thdApplyOutbox, site, batch, self.clock.seconds())
+        # The applied batch changed the change log: tell every site now, not at the next poll.
+        self.service.poll()
+        return {"applied_seq": applied}
 
     # -- snapshot -------------------------------------------------------------------
 

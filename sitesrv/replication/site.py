@@ -14,10 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
@@ -38,24 +41,29 @@ from sitesrv.replication.commands import (
     Revoke,
     SiteRevoked,
     SnapshotPage,
+    SubmitOutbox,
     UnknownSite,
     VersionRefused,
 )
 from sitesrv.replication.liveness import LivenessAMP
 from sitesrv.replication.primary import decode_change
 from sitesrv.store import Store
+from sitesrv.store.outbox import thdOwnAppliedSeq, thdPending
 from sitesrv.store.replica import (
     ReplicaError,
     thdApplyChanges,
     thdClearShadow,
     thdLoadShadow,
+    thdMarkIncomplete,
     thdReplicaState,
     thdSwapShadow,
 )
-from sitesrv.tls import client_context_factory, wrap_client_endpoint
+from sitesrv.tls import TLSError, client_context_factory, wrap_client_endpoint
 
 log = Logger()
 
+#: Outbox records read per submission round.
+DRAIN_RECORDS = 2_000
 #: Largest token file accepted.
 MAX_TOKEN = 1024
 
@@ -94,6 +102,10 @@ class PrimaryLinkProtocol(LivenessAMP):
         self._snapshot: dict[str, Any] | None = None
         self._snapshotDone: Deferred[None] | None = None
         self._closedReason: str | None = None
+        self._draining = False
+        self._drainAgain = False
+        # The highest sequence number the primary acknowledged on this connection.
+        self._acked = 0
 
     # -- connecting -----------------------------------------------------------------
 
@@ -104,13 +116,22 @@ class PrimaryLinkProtocol(LivenessAMP):
         d.addErrback(self._runFailed)
 
     def _runFailed(self, failure: Failure) -> None:
-        if self._closedReason is None:
-            reason = failure.getErrorMessage()
-            if not failure.check(ProtocolViolation, ReplicaError, amp.RemoteAmpError):
-                log.failure("replication with the primary failed", failure)
-            else:
-                log.error("replication with the primary failed: {reason}", reason=reason)
-            self._close(f"replication failed: {reason}")
+        if self._closedReason is not None:
+            return
+        reason = failure.getErrorMessage()
+        if failure.check(SSL.Error, VerificationError, TLSError):
+            # The handshake failed: the primary is not who it should be (or we are not
+            # trusted). Say so in one line; the link retries with backoff.
+            reason = f"TLS handshake with the primary failed: {reason}"
+            log.error("{reason}; retrying", reason=reason)
+            self.observer.refused(reason)
+        elif failure.check(ConnectionDone, ConnectionLost):
+            reason = f"connection closed: {reason}"
+        elif failure.check(ProtocolViolation, ReplicaError, amp.RemoteAmpError):
+            log.error("replication with the primary failed: {reason}", reason=reason)
+        else:
+            log.failure("replication with the primary failed", failure)
+        self._close(reason)
 
     def _close(self, reason: str) -> None:
         self._closedReason = reason
@@ -169,22 +190,54 @@ class PrimaryLinkProtocol(LivenessAMP):
             skew=skew,
         )
         self.observer.connected(skew=skew)
-        # Sites keep no outbox yet (see the failover issue): nothing waits to be
-        # submitted, so reconciliation is complete as soon as the primary accepts us.
-        self.observer.outboxDrained()
+        self.replication.current = self
         if hello["resnapshot"]:
             log.info("loading a snapshot from the primary: {reason}", reason=hello["resnapshot"])
             self.observer.syncing(hello["resnapshot"])
             await self._loadSnapshot()
+        # Reconcile first: what was recorded while offline goes to the primary, then the
+        # stream brings back its effect (balances and applied_seq together).
+        await self.drain()
         await self._pull()
 
     def _refused(self, reason: str, revoked: bool) -> None:
         log.error("the primary refused this site: {reason}; retrying with backoff", reason=reason)
         self._closedReason = reason
         if revoked:
+            # Persisted, so a revoked site that restarts does not serve from its replica.
+            self.store.runWrite(thdMarkIncomplete).addErrback(
+                lambda f: log.failure("marking the replica incomplete", f)
+            )
             self.observer.revoked(reason)
         else:
             self.observer.refused(reason)
+
+    # -- outbox ---------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Submit the outbox in sequence order until nothing is pending."""
+        if self._draining:
+            self._drainAgain = True
+            return
+        self._draining = True
+        try:
+            while True:
+                self._drainAgain = False
+                applied = await self.store.runRead(thdOwnAppliedSeq)
+                after = max(self._acked, applied)
+                pending = await self.store.runRead(thdPending, after, DRAIN_RECORDS)
+                if not pending:
+                    if not self._drainAgain:
+                        self.observer.outboxDrained()
+                        return
+                    continue
+                payloads = [p.payload for p in pending]
+                for value in codec.pack(payloads, self.replication.protocol_version):
+                    answer = await self.callRemote(SubmitOutbox, records=value)
+                    self._acked = max(self._acked, answer["applied_seq"])
+                self.observer.outboxSubmitted(len(payloads), self._acked)
+        finally:
+            self._draining = False
 
     # -- snapshot -------------------------------------------------------------------
 
@@ -282,6 +335,8 @@ class PrimaryLinkProtocol(LivenessAMP):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Tell the observer the link is gone and why."""
         super().connectionLost(reason)
+        if self.replication.current is self:
+            self.replication.current = None
         why = self.dropReason or self._closedReason or reason.getErrorMessage()
         if self.hello is not None:
             log.warn("link to the primary lost: {why}", why=why)
@@ -312,6 +367,8 @@ class SiteReplication(MultiService):
         self.clock = clock
         self.monotonic = monotonic
         self.skew: float | None = None
+        #: The connection that has said hello, while there is one.
+        self.current: PrimaryLinkProtocol | None = None
         self.client = ClientService(
             endpoint,
             Factory.forProtocol(lambda: PrimaryLinkProtocol(self)),
@@ -328,7 +385,14 @@ class SiteReplication(MultiService):
             )
 
     def _connected(self, protocol: PrimaryLinkProtocol) -> None:
-        self.current = protocol
+        pass
+
+    def outboxChanged(self) -> None:
+        """A record was added to the outbox: submit it now if the primary is reachable."""
+        link = self.current
+        if link is not None:
+            d = Deferred.fromCoroutine(link.drain())
+            d.addErrback(link._runFailed)
 
     def whenConnected(self) -> Deferred[Any]:
         """The current connection, once there is one."""

@@ -102,6 +102,11 @@ def thdApplyChanges(
     return new_position
 
 
+def thdMarkIncomplete(conn: Connection) -> None:
+    """Stop trusting the replica (the site was revoked): only a new snapshot restores it."""
+    _thdSetState(conn, complete=False)
+
+
 def thdMarkSynced(conn: Connection, now: float) -> None:
     """Record that the replica has caught up with the primary's head at ``now``."""
     _thdSetState(conn, last_sync=now)

@@ -247,6 +247,9 @@ transactions = Table(
     # The site that recorded the transaction (the primary's own name for local ones).
     Column("site", String(100), nullable=False),
     Column("created_at", Time, nullable=False),
+    # A charge recorded offline that took a restricted account past its credit limit
+    # (applied anyway; listed by `sitesrv-admin report offline-overdraft`).
+    Column("overdraft", Boolean, nullable=False, default=False),
     sqlite_autoincrement=True,
 )
 
@@ -385,6 +388,45 @@ replica_state = Table(
     Column("complete", Boolean, nullable=False, default=False),
     # When the replica last caught up with the primary's head.
     Column("last_sync", Time, nullable=True),
+    # The last outbox sequence number handed out by this site.
+    Column("outbox_seq", BigInteger, nullable=False, default=0),
+)
+
+# Everything a site records (job logs, usage, charges) waits here for the primary, in
+# sequence order, written in the same transaction as the thing it records. Records stay
+# after the primary applied them (for resubmission after a restore of the primary),
+# until the retention time passes.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("uuid", String(36), nullable=False, unique=True),
+    Column("kind", String(20), nullable=False),
+    # The personal or shared account the amount applies to, and the amount (negative
+    # for a charge), so the site can show balances net of what is not yet applied.
+    Column("account_id", Integer, nullable=True, index=True),
+    Column("amount", BigInteger, nullable=False),
+    # The whole record as JSON (see sitesrv/store/outbox.py).
+    Column("payload", Text, nullable=False),
+    Column("created_at", Time, nullable=False),
+)
+
+# --- primary-only: records from sites that can never be applied ------------------------
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("site", String(100), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("uuid", String(100), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("created_at", Time, nullable=False),
+    Column("resolved_at", Time, nullable=True),
+    Column("resolution", Text, nullable=False, default=""),
+    UniqueConstraint("site", "uuid"),
+    sqlite_autoincrement=True,
 )
 
 

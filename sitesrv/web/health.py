@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from sitesrv.interfaces import IStatusSource
+
+log = Logger()
 
 
 def json_response(request: Request, code: int, body: object) -> bytes:
@@ -27,6 +32,19 @@ class HealthResource(Resource):
         super().__init__()
         self.source = source
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> int:
         """The status as JSON; 503 when the server is not serving."""
-        return json_response(request, 200 if self.source.serving() else 503, self.source.status())
+        d = self.source.status()
+
+        def respond(status: dict[str, Any]) -> None:
+            code = 200 if self.source.serving() else 503
+            request.write(json_response(request, code, status))
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            log.failure("health check failed", failure)
+            request.write(json_response(request, 500, {"error": "status unavailable"}))
+            request.finish()
+
+        d.addCallbacks(respond, failed)
+        return NOT_DONE_YET

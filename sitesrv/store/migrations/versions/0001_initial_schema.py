@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-25 12:08:12.430457
+Create Date: 2026-11-25 12:13:58.564550
 """
 
 import sqlalchemy as sa
@@ -42,6 +42,21 @@ def upgrade() -> None:
         batch_op.create_index("ix_changelog_table_row", ["table_name", "row_id"], unique=False)
 
     op.create_table(
+        "dead_letters",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("site", sa.String(length=100), nullable=False),
+        sa.Column("seq", sa.BigInteger(), nullable=False),
+        sa.Column("uuid", sa.String(length=100), nullable=False),
+        sa.Column("payload", sa.Text(), nullable=False),
+        sa.Column("error", sa.Text(), nullable=False),
+        sa.Column("created_at", sa.Double(), nullable=False),
+        sa.Column("resolved_at", sa.Double(), nullable=True),
+        sa.Column("resolution", sa.Text(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_dead_letters")),
+        sa.UniqueConstraint("site", "uuid", name=op.f("uq_dead_letters_site")),
+        sqlite_autoincrement=True,
+    )
+    op.create_table(
         "groups",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=False),
@@ -72,6 +87,21 @@ def upgrade() -> None:
         sa.UniqueConstraint("uuid", name=op.f("uq_jobs_uuid")),
         sqlite_autoincrement=True,
     )
+    op.create_table(
+        "outbox",
+        sa.Column("seq", sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.Column("uuid", sa.String(length=36), nullable=False),
+        sa.Column("kind", sa.String(length=20), nullable=False),
+        sa.Column("account_id", sa.Integer(), nullable=True),
+        sa.Column("amount", sa.BigInteger(), nullable=False),
+        sa.Column("payload", sa.Text(), nullable=False),
+        sa.Column("created_at", sa.Double(), nullable=False),
+        sa.PrimaryKeyConstraint("seq", name=op.f("pk_outbox")),
+        sa.UniqueConstraint("uuid", name=op.f("uq_outbox_uuid")),
+    )
+    with op.batch_alter_table("outbox", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_outbox_account_id"), ["account_id"], unique=False)
+
     op.create_table(
         "policies",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -121,6 +151,7 @@ def upgrade() -> None:
         sa.Column("position", sa.BigInteger(), nullable=False),
         sa.Column("complete", sa.Boolean(), nullable=False),
         sa.Column("last_sync", sa.Double(), nullable=True),
+        sa.Column("outbox_seq", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_replica_state")),
     )
     op.create_table(
@@ -290,6 +321,7 @@ def upgrade() -> None:
         sa.Column("job_uuid", sa.String(length=36), nullable=True),
         sa.Column("site", sa.String(length=100), nullable=False),
         sa.Column("created_at", sa.Double(), nullable=False),
+        sa.Column("overdraft", sa.Boolean(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_transactions")),
         sa.UniqueConstraint("uuid", name=op.f("uq_transactions_uuid")),
         sqlite_autoincrement=True,
@@ -453,8 +485,13 @@ def downgrade() -> None:
 
     op.drop_table("printers")
     op.drop_table("policies")
+    with op.batch_alter_table("outbox", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_outbox_account_id"))
+
+    op.drop_table("outbox")
     op.drop_table("jobs")
     op.drop_table("groups")
+    op.drop_table("dead_letters")
     with op.batch_alter_table("changelog", schema=None) as batch_op:
         batch_op.drop_index("ix_changelog_table_row")
 

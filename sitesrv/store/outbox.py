@@ -1,0 +1,282 @@
+"""The outbox: what a site records, on its way to the primary exactly once.
+
+At a site, every charge (with its job log, when there is one) is written to ``outbox``
+with a UUID and the next per-site sequence number, in the same transaction as the thing
+it records, before the caller is answered. The site submits records in sequence order;
+the primary applies each batch in one transaction (``thdApplyOutbox``), de-duplicating by
+UUID, and sets the site's replicated ``applied_seq`` in that same transaction.
+
+The balance a site shows is the replicated balance plus the amounts of its own records
+above ``applied_seq``: a charge is counted once at every moment, whether the primary's
+acknowledgement or the replicated balance arrives first. A record is deleted at the site
+only once ``applied_seq`` covers it and the retention time has passed.
+
+Record format 1 (JSON in ``outbox.payload``)::
+
+    {"format": 1, "uuid": str, "seq": int, "kind": "charge", "site_time": float,
+     "user_id": int|null, "username": str, "account_id": int, "account_name": str,
+     "amount": int, "reason": str, "comment": str, "offline": bool,
+     "job": null | {"uuid": str, "kind": "print"|"copy"|"scan"|"fax",
+                    "printer_id": int|null, "printer_name": str, "document": str,
+                    "pages": int, "copies": int, "colour": bool, "duplex": bool,
+                    "status": str}}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from sqlalchemy import Connection, delete, func, insert, select, update
+
+from sitesrv.errors import SitesrvError
+from sitesrv.store import jobs, ledger
+from sitesrv.store.changelog import thdUpdate
+from sitesrv.store.schema import dead_letters, outbox, replica_state, sites, transactions
+
+#: The newest record format this software writes and applies.
+RECORD_FORMAT = 1
+#: Largest accepted encoded record.
+MAX_RECORD = 16_384
+
+
+class DeadLetter(SitesrvError):
+    """A record that can never be applied; it goes to the dead-letter table."""
+
+
+@attrs.frozen
+class Pending:
+    """One outbox record at the site."""
+
+    seq: int
+    uuid: str
+    payload: dict[str, Any]
+
+
+# -- at the site ----------------------------------------------------------------------
+
+
+def thdOwnAppliedSeq(conn: Connection) -> int:
+    """The primary's ``applied_seq`` for this site, as replicated (0 before any)."""
+    # A site's replica holds exactly one site row: its own.
+    value = conn.execute(select(func.max(sites.c.applied_seq))).scalar()
+    return int(value or 0)
+
+
+def thdRecord(conn: Connection, record: dict[str, Any], now: float) -> int:
+    """Add a record to the outbox (the caller's transaction); return its sequence number."""
+    seq = conn.execute(
+        update(replica_state)
+        .where(replica_state.c.id == 1)
+        .values(outbox_seq=replica_state.c.outbox_seq + 1)
+        .returning(replica_state.c.outbox_seq)
+    ).scalar_one_or_none()
+    if seq is None:
+        raise SitesrvError("site not yet synchronised with the primary")
+    payload = {**record, "seq": seq, "format": RECORD_FORMAT}
+    encoded = json.dumps(payload, separators=(",", ":"), sort_keys=True)
+    if len(encoded) > MAX_RECORD:
+        raise SitesrvError(f"record larger than {MAX_RECORD} bytes")
+    conn.execute(
+        insert(outbox).values(
+            seq=seq,
+            uuid=payload["uuid"],
+            kind=payload["kind"],
+            account_id=payload.get("account_id"),
+            amount=payload.get("amount", 0),
+            payload=encoded,
+            created_at=now,
+        )
+    )
+    return seq
+
+
+def thdPendingAmount(conn: Connection, account_id: int) -> int:
+    """The sum of this site's not-yet-applied amounts for an account."""
+    applied = thdOwnAppliedSeq(conn)
+    total = conn.execute(
+        select(func.coalesce(func.sum(outbox.c.amount), 0)).where(
+            outbox.c.account_id == account_id, outbox.c.seq > applied
+        )
+    ).scalar_one()
+    return int(total)
+
+
+def thdPending(conn: Connection, after: int, limit: int) -> list[Pending]:
+    """Records with a sequence number above ``after``, in order."""
+    rows = conn.execute(
+        select(outbox.c.seq, outbox.c.uuid, outbox.c.payload)
+        .where(outbox.c.seq > after)
+        .order_by(outbox.c.seq)
+        .limit(limit)
+    )
+    return [Pending(r.seq, r.uuid, json.loads(r.payload)) for r in rows]
+
+
+def thdPendingCount(conn: Connection) -> int:
+    """How many records the primary has not applied yet."""
+    applied = thdOwnAppliedSeq(conn)
+    return int(conn.execute(select(func.count()).where(outbox.c.seq > applied)).scalar_one())
+
+
+def thdPrune(conn: Connection, older_than: float) -> int:
+    """Delete applied records older than ``older_than``; return how many."""
+    applied = thdOwnAppliedSeq(conn)
+    return conn.execute(
+        delete(outbox).where(outbox.c.seq <= applied, outbox.c.created_at < older_than)
+    ).rowcount
+
+
+# -- at the primary -------------------------------------------------------------------
+
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "uuid": str,
+    "seq": int,
+    "kind": str,
+    "username": str,
+    "account_id": int,
+    "account_name": str,
+    "amount": int,
+    "reason": str,
+}
+_JOB_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "uuid": str,
+    "kind": str,
+    "printer_name": str,
+    "pages": int,
+    "copies": int,
+    "colour": bool,
+    "duplex": bool,
+}
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    # JSON booleans are Python ints: an int field must not accept true/false.
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _check(record: Any) -> None:
+    if not isinstance(record, dict):
+        raise DeadLetter("a record must be a JSON object")
+    if record.get("format") != RECORD_FORMAT:
+        raise DeadLetter(f"record format {record.get('format')!r} is not {RECORD_FORMAT}")
+    for key, kind in _REQUIRED.items():
+        if not _is(record.get(key), kind):
+            raise DeadLetter(f"field {key!r} missing or of the wrong type")
+    if record["kind"] != "charge":
+        raise DeadLetter(f"unknown record kind {record['kind']!r}")
+    if record["reason"] not in ledger.REASONS:
+        raise DeadLetter(f"unknown reason {record['reason']!r}")
+    job = record.get("job")
+    if job is not None:
+        if not isinstance(job, dict):
+            raise DeadLetter("field 'job' must be an object")
+        for key, kind in _JOB_REQUIRED.items():
+            if not _is(job.get(key), kind):
+                raise DeadLetter(f"job field {key!r} missing or wrong type")
+        if job["kind"] not in jobs.KINDS:
+            raise DeadLetter(f"unknown job kind {job['kind']!r}")
+
+
+def _thdApplyOne(conn: Connection, site: str, record: dict[str, Any], now: float) -> None:
+    account = ledger.thdAccountById(conn, record["account_id"])
+    comment = record.get("comment", "") or ""
+    if account is None or account.name != record["account_name"]:
+        # The user or account is gone (or its id now means something else): never lose
+        # the charge; book it to Suspense for an administrator to resolve.
+        account = ledger.thdAccount(conn, ledger.SUSPENSE_ACCOUNT)
+        comment = (
+            f"suspense: account {record['account_name']!r} of user {record['username']!r} "
+            f"(id {record['account_id']}) no longer exists at the primary; {comment}"
+        ).strip("; ")
+    job = record.get("job")
+    if job is not None:
+        jobs.thdLogJob(
+            conn,
+            now,
+            uuid=job["uuid"],
+            kind=job["kind"],
+            user_id=record.get("user_id"),
+            username=record["username"],
+            account_id=account.id,
+            printer_id=job.get("printer_id"),
+            printer_name=job["printer_name"],
+            site=site,
+            document=str(job.get("document", ""))[:500],
+            pages=job["pages"],
+            copies=job["copies"],
+            colour=job["colour"],
+            duplex=job["duplex"],
+            cost=-record["amount"],
+            status=str(job.get("status", "printed"))[:20],
+            created_at=float(record.get("site_time", now)),
+        )
+    if record["amount"] == 0:
+        return
+    txn = ledger.thdPost(
+        conn,
+        account.id,
+        record["amount"],
+        record["reason"],
+        now,
+        site=site,
+        comment=comment,
+        job_uuid=None if job is None else job["uuid"],
+        txn_uuid=record["uuid"],
+    )
+    overdrawn = (
+        txn.applied
+        and account.restricted
+        and record["amount"] < 0
+        and txn.balance_after < -account.credit_limit
+    )
+    if overdrawn:
+        conn.execute(
+            update(transactions).where(transactions.c.id == txn.id).values(overdraft=True)
+        )
+
+
+def thdApplyOutbox(conn: Connection, site: str, records: Sequence[Any], now: float) -> int:
+    """Apply a site's batch in this transaction; return the site's new ``applied_seq``.
+
+    Every well-formed record is applied once (a resent UUID changes nothing); a record
+    that can never apply goes to the dead-letter table, so the batch never blocks.
+    """
+    row = conn.execute(select(sites.c.id, sites.c.applied_seq).where(sites.c.name == site)).one()
+    applied = row.applied_seq
+    for record in records:
+        seq = record.get("seq") if isinstance(record, dict) else None
+        try:
+            _check(record)
+            with conn.begin_nested():
+                _thdApplyOne(conn, site, record, now)
+        except (DeadLetter, SitesrvError, ValueError, KeyError, TypeError) as e:
+            thdDeadLetter(conn, site, record, str(e), now)
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            applied = max(applied, seq)
+    if applied != row.applied_seq:
+        thdUpdate(conn, sites, row.id, {"applied_seq": applied}, now)
+    return applied
+
+
+def thdDeadLetter(conn: Connection, site: str, record: Any, error: str, now: float) -> None:
+    """Keep a record that cannot be applied, once per (site, uuid)."""
+    uuid = str(record.get("uuid") if isinstance(record, dict) else "")[:100] or "(none)"
+    seq = record.get("seq") if isinstance(record, dict) else None
+    exists = conn.execute(
+        select(dead_letters.c.id).where(dead_letters.c.site == site, dead_letters.c.uuid == uuid)
+    ).first()
+    if exists:
+        return
+    conn.execute(
+        insert(dead_letters).values(
+            site=site,
+            seq=seq if isinstance(seq, int) else 0,
+            uuid=uuid,
+            payload=json.dumps(record, sort_keys=True, default=str)[:MAX_RECORD],
+            error=error[:1000],
+            created_at=now,
+        )
+    )
