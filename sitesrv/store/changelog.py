@@ -11,14 +11,15 @@ a change that committed late.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
-from sqlalchemy import Connection, Table, delete, func, insert, select, update
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy import Connection, Table, bindparam, delete, func, insert, select, update
+from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
 from sitesrv.store.schema import (
     REPLICATED_BY_NAME,
@@ -62,15 +63,47 @@ def thdNewEpoch(conn: Connection) -> str:
     return epoch
 
 
+# Every write runs the statements below, so they are built once: building a statement
+# and computing its cache key costs more than SQLite takes to run it (bench/store.py).
+
+_NEXT_POSITION = (
+    update(replication_state)
+    .where(replication_state.c.id == 1)
+    .values(head=replication_state.c.head + 1)
+    .returning(replication_state.c.head)
+)
+_APPEND = insert(changelog)
+
+
+@functools.cache
+def _selectById(table: Table) -> Any:
+    return select(table).where(table.c.id == bindparam("_where_id"))
+
+
+@functools.cache
+def _insertReturningId(table: Table) -> Any:
+    # The columns come from the parameters, as with ``.values(**values)``.
+    return insert(table).returning(table.c.id)
+
+
+@functools.cache
+def _updateById(table: Table) -> Any:
+    # The SET clause comes from the parameters, as with ``.values(**values)``.
+    return update(table).where(table.c.id == bindparam("_where_id"))
+
+
+def _bindable(table: Table, values: Mapping[str, Any]) -> bool:
+    # Plain values for known columns can be parameters of a prepared statement; SQL
+    # expressions, and unknown names (a CompileError), go through ``.values()``.
+    return bool(values) and all(
+        k in table.c and not isinstance(v, ClauseElement) for k, v in values.items()
+    )
+
+
 def _thdNextPosition(conn: Connection) -> int:
     # The UPDATE takes the row lock (PostgreSQL) / the write lock (SQLite) that orders
     # writers; RETURNING gives the value this transaction owns.
-    return conn.execute(
-        update(replication_state)
-        .where(replication_state.c.id == 1)
-        .values(head=replication_state.c.head + 1)
-        .returning(replication_state.c.head)
-    ).scalar_one()
+    return conn.execute(_NEXT_POSITION).scalar_one()
 
 
 def _image(table: Table, row: Mapping[str, Any]) -> dict[str, Any]:
@@ -97,28 +130,32 @@ def _thdAppend(
 ) -> int:
     position = _thdNextPosition(conn)
     conn.execute(
-        insert(changelog).values(
-            position=position,
-            table_name=table.name,
-            row_id=row_id,
-            op=op,
-            image=None if image is None else json.dumps(image, separators=(",", ":")),
-            scope=scope,
-            format=ROW_FORMAT,
-            created_at=now,
-        )
+        _APPEND,
+        {
+            "position": position,
+            "table_name": table.name,
+            "row_id": row_id,
+            "op": op,
+            "image": None if image is None else json.dumps(image, separators=(",", ":")),
+            "scope": scope,
+            "format": ROW_FORMAT,
+            "created_at": now,
+        },
     )
     return position
 
 
 def _thdLogRow(conn: Connection, table: Table, row_id: int, now: float) -> None:
-    row = conn.execute(select(table).where(table.c.id == row_id)).mappings().one()
+    row = conn.execute(_selectById(table), {"_where_id": row_id}).mappings().one()
     _thdAppend(conn, table, row_id, "upsert", _image(table, row), _thdScope(conn, table, row), now)
 
 
 def thdInsert(conn: Connection, table: Table, values: Mapping[str, Any], now: float) -> int:
     """Insert a row into a replicated table, log its image, and return its id."""
-    row_id = conn.execute(insert(table).values(**values).returning(table.c.id)).scalar_one()
+    if _bindable(table, values):
+        row_id = conn.execute(_insertReturningId(table), dict(values)).scalar_one()
+    else:
+        row_id = conn.execute(insert(table).values(**values).returning(table.c.id)).scalar_one()
     _thdLogRow(conn, table, row_id, now)
     return row_id
 
@@ -182,7 +219,10 @@ def thdUpdate(
     conn: Connection, table: Table, row_id: int, values: Mapping[str, Any], now: float
 ) -> None:
     """Update one row of a replicated table by id and log its new image."""
-    conn.execute(update(table).where(table.c.id == row_id).values(**values))
+    if _bindable(table, values):
+        conn.execute(_updateById(table), {"_where_id": row_id, **values})
+    else:
+        conn.execute(update(table).where(table.c.id == row_id).values(**values))
     _thdLogRow(conn, table, row_id, now)
 
 
