@@ -777,6 +777,17 @@ class AdminCLITests(SynchronousTestCase):
             self.ok("balance", "adjust", "alice", "-.5"), "balance of alice is now 8.00\n"
         )
 
+    def test_closed_output(self) -> None:
+        """A reader that goes away (``| head``) ends the command quietly with status 1."""
+
+        class Closed(io.StringIO):
+            def write(self, text: str) -> int:
+                raise BrokenPipeError(32, "Broken pipe")
+
+        err = io.StringIO()
+        code = main(["--config", self.config, "user", "list"], stdout=Closed(), stderr=err)
+        self.assertEqual((code, err.getvalue()), (1, ""))
+
     def test_console_script(self) -> None:
         """Called with no arguments, as the console script, main exits with the status."""
         out, err = io.StringIO(), io.StringIO()

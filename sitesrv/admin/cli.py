@@ -371,8 +371,8 @@ def _thdUserDetails(conn: Connection, name: str) -> tuple[users.User, list[str],
 
 def _user_show(admin: Admin) -> Output:
     user, cards, groups, has_password = admin.read(_thdUserDetails, admin.args.name)
-    data = {**_user_row(admin, user), "has_password": has_password, "cards": cards}
-    data["groups"] = groups
+    data = {**_user_row(admin, user), "has_password": has_password}
+    data.update(cards=cards, groups=groups)
     fields = (
         *USER_COLUMNS,
         Column("has_pin", "PIN SET"),
@@ -1187,6 +1187,12 @@ def run(
         return 1
     except SQLAlchemyError as e:
         print(f"{PROG}: database error: {_first_line(getattr(e, 'orig', None) or e)}", file=stderr)
+        return 1
+    except BrokenPipeError:
+        # `sitesrv-admin user list | head`: the reader has all it wants. Point stdout at
+        # /dev/null so that the interpreter's final flush does not complain either.
+        if stdout is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
