@@ -96,7 +96,9 @@ class GetChanges(amp.Command):
     """Site → primary: changes after ``after`` (which also tells the primary where I am).
 
     Returns the changes for this site (``batch``), the position the site has now seen
-    through (``upto``) and whether more remain (``limited``).
+    through (``upto``), whether more remain (``limited``) and whether the last change's
+    transaction continues in the next batch (``partial``: the site then holds the batch
+    and applies it together with the rest of that transaction).
     """
 
     arguments = [(b"after", amp.Integer())]
@@ -104,6 +106,7 @@ class GetChanges(amp.Command):
         (b"batch", amp.String()),
         (b"upto", amp.Integer()),
         (b"limited", amp.Boolean()),
+        (b"partial", amp.Boolean(optional=True)),
         (b"head", amp.Integer()),
     ]
     fatalErrors = COMMON_ERRORS

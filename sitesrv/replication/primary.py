@@ -47,7 +47,7 @@ from sitesrv.secrets import hash_token, token_matches
 from sitesrv.store import Store
 from sitesrv.store.changelog import (
     Change,
-    thdChangesSince,
+    thdChangeBatch,
     thdOldestPosition,
     thdState,
     thdTrimOld,
@@ -249,9 +249,8 @@ class SiteSession(LivenessAMP):
         if now - self._last_link_write >= LINK_WRITE_INTERVAL:
             self._last_link_write = now
             await self.store.runWrite(thdLinkSeen, site, now, after)
-        changes, upto, limited = await self.store.runRead(
-            thdChangesSince, after, BATCH_ROWS, (None, site)
-        )
+        found = await self.store.runRead(thdChangeBatch, after, BATCH_ROWS, (None, site))
+        changes, upto, limited, partial = found.changes, found.upto, found.limited, found.partial
         if not self.passwords_included:
             changes = [c for c in changes if c.table != "passwords"]
         if any(c.table == "policies" for c in changes):
@@ -260,28 +259,38 @@ class SiteSession(LivenessAMP):
                 # The replica must gain or lose password verifiers: make it re-snapshot.
                 log.info("site {site!r}: password-login policy changed; resyncing", site=site)
                 self.clock.callLater(0, self._drop, "password-login policy changed")
-        batch, upto, limited = self._fit(changes, upto, limited)
+        batch, upto, limited, partial = self._fit(changes, upto, limited, partial)
         head = self.service.head
-        return {"batch": batch, "upto": upto, "limited": limited, "head": max(head, upto)}
+        return {
+            "batch": batch,
+            "upto": upto,
+            "limited": limited,
+            "partial": partial,
+            "head": max(head, upto),
+        }
 
-    def _fit(self, changes: list[Change], upto: int, limited: bool) -> tuple[bytes, int, bool]:
+    def _fit(
+        self, changes: list[Change], upto: int, limited: bool, partial: bool
+    ) -> tuple[bytes, int, bool, bool]:
+        """Encode as many changes as fit one AMP value; say where the batch stops."""
         budget = BATCH_BYTES.get(self.protocol_version, BATCH_BYTES[1])
-        items: list[list[Any]] = []
+        count = 0
         size = 0
         for change in changes:
-            item = encode_change(change)
-            size += codec.estimate(item)
-            if items and size > budget:
-                upto, limited = items[-1][0], True
+            size += codec.estimate(encode_change(change))
+            if count and size > budget:
                 break
-            items.append(item)
+            count += 1
         while True:
-            values = codec.pack(items, self.protocol_version)
+            if count < len(changes):
+                # Cut here: the rest follows in the next batch.
+                upto, limited = changes[count - 1].position, True
+                partial = changes[count].txn == changes[count - 1].txn
+            values = codec.pack([encode_change(c) for c in changes[:count]], self.protocol_version)
             if len(values) == 1:
-                return values[0], upto, limited
+                return values[0], upto, limited, partial
             # Compressed worse than expected: send the first half now.
-            items = items[: len(items) // 2]
-            upto, limited = items[-1][0], True
+            count = max(1, count // 2)
 
     # -- outbox ---------------------------------------------------------------------
 

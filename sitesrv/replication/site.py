@@ -48,6 +48,7 @@ from sitesrv.replication.commands import (
 from sitesrv.replication.liveness import LivenessAMP
 from sitesrv.replication.primary import decode_change
 from sitesrv.store import Store
+from sitesrv.store.changelog import Change
 from sitesrv.store.outbox import thdOwnAppliedSeq, thdPending
 from sitesrv.store.replica import (
     ReplicaError,
@@ -62,6 +63,8 @@ from sitesrv.tls import TLSError, client_context_factory, wrap_client_endpoint
 
 log = Logger()
 
+#: Most changes held while waiting for the rest of one primary transaction.
+MAX_HELD = 200_000
 #: Outbox records read per submission round.
 DRAIN_RECORDS = 2_000
 #: Largest token file accepted.
@@ -297,12 +300,22 @@ class PrimaryLinkProtocol(LivenessAMP):
             self._pullAgain = True
             return
         self._pulling = True
+        # Changes of a transaction that continues in the next batch wait here, so that
+        # the site applies each of the primary's transactions whole.
+        held: list[Change] = []
+        seen = self.position
         try:
             while True:
                 self._pullAgain = False
-                answer = await self.callRemote(GetChanges, after=self.position)
+                answer = await self.callRemote(GetChanges, after=seen)
                 items = codec.unpack(answer["batch"], self.replication.protocol_version)
-                changes = [decode_change(item) for item in items]
+                held.extend(decode_change(item) for item in items)
+                seen = answer["upto"]
+                if answer.get("partial"):
+                    if len(held) > MAX_HELD:
+                        raise ProtocolViolation("a transaction too large to hold")
+                    continue
+                changes, held = held, []
                 caught_up = not answer["limited"] and answer["upto"] >= answer["head"]
                 self.position = await self.store.runWrite(
                     thdApplyChanges,

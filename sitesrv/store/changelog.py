@@ -42,6 +42,21 @@ class Change:
     image: dict[str, Any] | None
     scope: str | None
     format: int
+    #: The first position of the transaction that wrote this change.
+    txn: int = 0
+
+
+@attrs.frozen
+class ChangeBatch:
+    """What ``thdChangeBatch`` returns (synapse's "rows since X", plus ``partial``)."""
+
+    changes: list[Change]
+    #: The position the reader has now seen through.
+    upto: int
+    #: More entries remain after ``upto``.
+    limited: bool
+    #: The transaction of the last entry continues after ``upto``.
+    partial: bool
 
 
 def thdEnsureState(conn: Connection) -> None:
@@ -140,9 +155,22 @@ def _thdAppend(
             "scope": scope,
             "format": ROW_FORMAT,
             "created_at": now,
+            "txn": _thdTxn(conn, position),
         },
     )
     return position
+
+
+def _thdTxn(conn: Connection, position: int) -> int:
+    # All entries of one database transaction share its first position. The current
+    # transaction object is kept (strongly) with the connection, so a later transaction
+    # can never be mistaken for it.
+    current = conn.get_transaction()
+    mark = conn.info.get("sitesrv.txn")
+    if mark is None or mark[0] is not current:
+        mark = (current, position)
+        conn.info["sitesrv.txn"] = mark
+    return int(mark[1])
 
 
 def _thdLogRow(conn: Connection, table: Table, row_id: int, now: float) -> None:
@@ -209,6 +237,8 @@ def thdLogMany(
                 "scope": scopes[key],
                 "format": ROW_FORMAT,
                 "created_at": now,
+                # A bulk import is applied at sites call by call, not as one transaction.
+                "txn": first,
             }
         )
     conn.execute(insert(changelog), values)
@@ -257,36 +287,45 @@ def thdChangesSince(
     returned change, when later entries belong to other sites); ``limited`` says whether
     more remain. Follows synapse's "rows since X" shape.
     """
+    batch = thdChangeBatch(conn, after, limit, scopes)
+    return batch.changes, batch.upto, batch.limited
+
+
+def thdChangeBatch(
+    conn: Connection, after: int, limit: int, scopes: Iterable[str | None] = (None,)
+) -> ChangeBatch:
+    """Like ``thdChangesSince``, and says whether the batch ends inside a transaction."""
     named = {s for s in scopes if s is not None}
     head = conn.execute(select(replication_state.c.head)).scalar_one()
-    rows = conn.execute(
-        select(changelog)
-        .where(changelog.c.position > after, changelog.c.position <= head)
-        .order_by(changelog.c.position)
-        .limit(limit)
-    ).mappings()
-    changes: list[Change] = []
-    upto = after
-    count = 0
-    for row in rows:
-        count += 1
-        upto = row["position"]
-        if row["scope"] is None or row["scope"] in named:
-            changes.append(
-                Change(
-                    position=row["position"],
-                    table=row["table_name"],
-                    row_id=row["row_id"],
-                    op=row["op"],
-                    image=None if row["image"] is None else json.loads(row["image"]),
-                    scope=row["scope"],
-                    format=row["format"],
-                )
-            )
-    limited = count == limit
+    rows = list(
+        conn.execute(
+            select(changelog)
+            .where(changelog.c.position > after, changelog.c.position <= head)
+            .order_by(changelog.c.position)
+            .limit(limit + 1)
+        ).mappings()
+    )
+    limited = len(rows) > limit
+    partial = limited and rows[limit]["txn"] == rows[limit - 1]["txn"]
+    rows = rows[:limit]
+    changes = [
+        Change(
+            position=row["position"],
+            table=row["table_name"],
+            row_id=row["row_id"],
+            op=row["op"],
+            image=None if row["image"] is None else json.loads(row["image"]),
+            scope=row["scope"],
+            format=row["format"],
+            txn=row["txn"],
+        )
+        for row in rows
+        if row["scope"] is None or row["scope"] in named
+    ]
+    upto = rows[-1]["position"] if rows else after
     if not limited:
         upto = max(upto, head)
-    return changes, upto, limited
+    return ChangeBatch(changes, upto, limited, partial)
 
 
 def thdTrim(conn: Connection, upto: int) -> int:

@@ -304,6 +304,10 @@ changelog = Table(
     Column("scope", String(100), nullable=True),
     Column("format", Integer, nullable=False),
     Column("created_at", Time, nullable=False),
+    # The first position written by the same database transaction: a site applies the
+    # entries of one transaction together (a charge's balance and the site's
+    # applied_seq must never be seen apart).
+    Column("txn", BigInteger, nullable=False),
 )
 Index("ix_changelog_table_row", changelog.c.table_name, changelog.c.row_id)
 

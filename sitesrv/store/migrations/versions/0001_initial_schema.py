@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-25 12:13:58.564550
+Create Date: 2026-11-25 12:16:33.803051
 """
 
 import sqlalchemy as sa
@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("scope", sa.String(length=100), nullable=True),
         sa.Column("format", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.Double(), nullable=False),
+        sa.Column("txn", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("position", name=op.f("pk_changelog")),
     )
     with op.batch_alter_table("changelog", schema=None) as batch_op:
