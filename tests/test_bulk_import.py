@@ -77,8 +77,11 @@ def _thdDump(conn: Any) -> dict[str, list[Any]]:
         tuple(v for k, v in r.items() if k != "uuid")
         for r in conn.execute(select(transactions).order_by(transactions.c.id)).mappings()
     ]
+    # Which entries a site applies together may differ (a bulk import is grouped per
+    # call, not per database transaction); every entry and position must not.
     dump["changelog"] = [
-        tuple(r) for r in conn.execute(select(changelog).order_by(changelog.c.position))
+        tuple(v for k, v in r.items() if k != "txn")
+        for r in conn.execute(select(changelog).order_by(changelog.c.position)).mappings()
     ]
     dump["head"] = [conn.execute(select(replication_state.c.head)).scalar_one()]
     return dump
