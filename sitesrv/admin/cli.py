@@ -31,9 +31,10 @@ from sitesrv.config import Config, ConfigError, load
 from sitesrv.errors import Invalid, ReadOnly, SitesrvError
 from sitesrv.money import AmountError, format_amount, parse_amount
 from sitesrv.secrets import make_verifier
-from sitesrv.store import Store, ledger, policies, printers, sites, users
+from sitesrv.store import Store, changelog, ledger, policies, printers, replica, sites, users
 from sitesrv.store import devices as devicestore
 from sitesrv.store import jobs as jobstore
+from sitesrv.store import outbox as outboxstore
 from sitesrv.store.audit import thdAudit, thdListAudit
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
 from sitesrv.store.migrate import upgrade
@@ -710,23 +711,51 @@ def _site_add(admin: Admin) -> Output:
     )
 
 
+def _thdSiteList(
+    conn: Connection,
+) -> tuple[list[sites.Site], dict[str, sites.SiteLink], int]:
+    return sites.thdListSites(conn), sites.thdLinks(conn), changelog.thdState(conn)[1]
+
+
+def _link_state(link: sites.SiteLink | None) -> str:
+    if link is None:
+        return "never connected"
+    if link.connected:
+        return f"connected since {_time(link.since)}"
+    return f"disconnected since {_time(link.since)}"
+
+
 def _site_list(admin: Admin) -> Output:
-    rows = [
-        {
-            "name": s.name,
-            "primary": s.is_primary,
-            "revoked": s.revoked,
-            "applied_seq": s.applied_seq,
-            "created": _time(s.created_at),
-        }
-        for s in admin.read(sites.thdListSites)
-    ]
+    found, links, head = admin.read(_thdSiteList)
+    rows = []
+    for s in found:
+        link = links.get(s.name)
+        rows.append(
+            {
+                "name": s.name,
+                "primary": s.is_primary,
+                "revoked": s.revoked,
+                "state": "this primary" if s.is_primary else _link_state(link),
+                "connected": None if link is None else link.connected,
+                "position": None if link is None else link.position,
+                "lag": None if link is None or s.is_primary else max(head - link.position, 0),
+                "last_seen": None if link is None else _time(link.last_seen),
+                "skew": None if link is None else round(link.skew, 3),
+                "version": None if link is None else link.software_version,
+                "address": None if link is None else link.address,
+                "applied_seq": s.applied_seq,
+                "created": _time(s.created_at),
+            }
+        )
     columns = (
         Column("name", "NAME"),
-        Column("primary", "PRIMARY"),
+        Column("state", "STATE"),
         Column("revoked", "REVOKED"),
+        Column("position", "POSITION", right=True),
+        Column("lag", "LAG", right=True),
+        Column("last_seen", "LAST SEEN"),
+        Column("skew", "SKEW S", right=True),
         Column("applied_seq", "APPLIED SEQ", right=True),
-        Column("created", "CREATED"),
     )
     return Table(columns, rows, "no sites")
 
@@ -801,7 +830,20 @@ def _thdTransactions(
     return ledger.thdListTransactions(conn, account_id=account_id, limit=limit)
 
 
-def _transactions_list(admin: Admin) -> Output:
+TRANSACTION_COLUMNS = (
+    Column("time", "TIME"),
+    Column("account", "ACCOUNT"),
+    Column("amount", "AMOUNT", right=True),
+    Column("balance_after", "BALANCE", right=True),
+    Column("reason", "REASON"),
+    Column("site", "SITE"),
+    Column("comment", "COMMENT"),
+)
+
+
+def _transaction_table(
+    admin: Admin, transactions: Sequence[ledger.Transaction], empty: str
+) -> Table:
     rows = [
         {
             "id": t.id,
@@ -815,18 +857,140 @@ def _transactions_list(admin: Admin) -> Output:
             "comment": t.comment,
             "job_uuid": t.job_uuid,
         }
-        for t in admin.read(_thdTransactions, admin.args.user, admin.args.limit)
+        for t in transactions
+    ]
+    return Table(TRANSACTION_COLUMNS, rows, empty)
+
+
+def _transactions_list(admin: Admin) -> Output:
+    found = admin.read(_thdTransactions, admin.args.user, admin.args.limit)
+    return _transaction_table(admin, found, "no transactions")
+
+
+# -- reports ---------------------------------------------------------------------------
+
+
+def _report_overdraft(admin: Admin) -> Output:
+    found = admin.read(ledger.thdOverdrafts, admin.args.limit)
+    return _transaction_table(admin, found, "no offline overdrafts")
+
+
+def _thdSuspense(conn: Connection, limit: int) -> list[ledger.Transaction]:
+    account = ledger.thdAccount(conn, ledger.SUSPENSE_ACCOUNT)
+    return ledger.thdListTransactions(conn, account.id, limit)
+
+
+def _report_suspense(admin: Admin) -> Output:
+    found = admin.read(_thdSuspense, admin.args.limit)
+    return _transaction_table(admin, found, "nothing in suspense")
+
+
+def _report_dead_letter(admin: Admin) -> Output:
+    rows = [
+        {
+            "id": d.id,
+            "site": d.site,
+            "seq": d.seq,
+            "uuid": d.uuid,
+            "time": _time(d.created_at),
+            "error": d.error,
+            "payload": d.payload,
+            "resolved": None if d.resolved_at is None else _time(d.resolved_at),
+            "resolution": d.resolution,
+        }
+        for d in admin.read(outboxstore.thdListDeadLetters, admin.args.all)
     ]
     columns = (
+        Column("id", "ID", right=True),
+        Column("site", "SITE"),
+        Column("seq", "SEQ", right=True),
         Column("time", "TIME"),
+        Column("error", "ERROR"),
+        Column("resolved", "RESOLVED"),
+    )
+    return Table(columns, rows, "no dead letters")
+
+
+def _dead_letter_resolve(admin: Admin) -> Output:
+    letter, note = admin.args.id, admin.args.note
+    admin.write(
+        "dead-letter.resolve",
+        str(letter),
+        lambda conn, now: outboxstore.thdResolveDeadLetter(conn, letter, note, now),
+        note=note,
+    )
+    return Done(f"dead letter {letter} resolved", {"id": letter, "resolved": True})
+
+
+# -- replication -----------------------------------------------------------------------
+
+
+def _db_restored(admin: Admin) -> Output:
+    epoch = admin.write("db.restored", "", lambda conn, now: changelog.thdNewEpoch(conn))
+    return Done(
+        "change log has a new epoch: every site will re-snapshot and resubmit the records it kept",
+        {"epoch": epoch},
+    )
+
+
+def _replica_status(admin: Admin) -> Output:
+    state, applied, pending = admin.read(_thdReplicaStatus)
+    data = {
+        "epoch": state.epoch,
+        "position": state.position,
+        "complete": state.complete,
+        "last_sync": None if state.last_sync is None else _time(state.last_sync),
+        "applied_seq": applied,
+        "outbox_pending": pending,
+    }
+    return Record(
+        (
+            Column("complete", "complete replica"),
+            Column("epoch", "epoch"),
+            Column("position", "position"),
+            Column("last_sync", "last sync"),
+            Column("applied_seq", "applied at primary up to"),
+            Column("outbox_pending", "outbox pending"),
+        ),
+        data,
+    )
+
+
+def _thdReplicaStatus(conn: Connection) -> tuple[Any, int, int]:
+    return (
+        replica.thdReplicaState(conn),
+        outboxstore.thdOwnAppliedSeq(conn),
+        outboxstore.thdPendingCount(conn),
+    )
+
+
+def _outbox_show(admin: Admin) -> Output:
+    applied, records = admin.read(outboxstore.thdOutbox, admin.args.limit)
+    rows = [
+        {
+            "seq": r.seq,
+            "uuid": r.uuid,
+            "state": "applied" if r.seq <= applied else "pending",
+            "time": _time(float(r.payload.get("site_time", 0))),
+            "user": r.payload.get("username", ""),
+            "account": r.payload.get("account_name", ""),
+            **admin.money("amount", int(r.payload.get("amount", 0))),
+            "reason": r.payload.get("reason", ""),
+            "offline": bool(r.payload.get("offline")),
+        }
+        for r in records
+    ]
+    columns = (
+        Column("seq", "SEQ", right=True),
+        Column("state", "STATE"),
+        Column("time", "TIME"),
+        Column("user", "USER"),
         Column("account", "ACCOUNT"),
         Column("amount", "AMOUNT", right=True),
-        Column("balance_after", "BALANCE", right=True),
         Column("reason", "REASON"),
-        Column("site", "SITE"),
-        Column("comment", "COMMENT"),
+        Column("offline", "OFFLINE"),
     )
-    return Table(columns, rows, "no transactions")
+    return Table(columns, rows, "the outbox is empty")
 
 
 def _jobs_list(admin: Admin) -> Output:
@@ -1108,6 +1272,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = _group(commands, "db", "the database schema")
     _command(g, "upgrade", _db_upgrade, Kind.SCHEMA, "migrate to the newest schema")
+    _command(
+        g,
+        "restored",
+        _db_restored,
+        W,
+        "after restoring the primary from a backup: sites re-snapshot and resubmit",
+    )
+
+    g = _group(commands, "report", "reports for the administrator")
+    p = _command(
+        g, "offline-overdraft", _report_overdraft, R, "offline charges past a credit limit"
+    )
+    _limit(p)
+    p = _command(g, "suspense", _report_suspense, R, "charges whose user or account was gone")
+    _limit(p)
+    p = _command(g, "dead-letter", _report_dead_letter, R, "site records that cannot apply")
+    p.add_argument("--all", action="store_true", help="include resolved ones")
+
+    g = _group(commands, "dead-letter", "records from sites that could not be applied")
+    p = _command(g, "resolve", _dead_letter_resolve, W, "mark a dead letter as dealt with")
+    p.add_argument("id", type=_positive)
+    p.add_argument("--note", required=True, metavar="TEXT", help="what was done about it")
+
+    g = _group(commands, "outbox", "what this site has recorded for the primary")
+    p = _command(g, "show", _outbox_show, R, "the newest outbox records, pending or applied")
+    _limit(p)
+
+    g = _group(commands, "replica", "this site's replica of the primary's data")
+    _command(g, "status", _replica_status, R, "position, completeness and outbox backlog")
 
     return parser
 

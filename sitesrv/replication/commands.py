@@ -77,9 +77,9 @@ class Hello(amp.Command):
 
 
 class Heartbeat(amp.Command):
-    """Either way: proof of life when nothing else was sent for an interval."""
+    """Either way: proof of life every interval; a site's also carries its position."""
 
-    arguments: list[tuple[bytes, amp.Argument]] = []
+    arguments = [(b"position", amp.Integer(optional=True))]
     response: list[tuple[bytes, amp.Argument]] = []
     requiresAnswer = False
 

@@ -71,7 +71,11 @@ class LivenessAMP(amp.AMP):
             if self.transport is not None:
                 self.transport.abortConnection()
             return
-        self.notify(Heartbeat)
+        self.notify(Heartbeat, **self.heartbeatArguments())
+
+    def heartbeatArguments(self) -> dict[str, Any]:
+        """What this side's heartbeats carry (nothing by default)."""
+        return {}
 
     def notify(self, command: type[amp.Command], **arguments: Any) -> None:
         """Send a command that needs no answer; on a closing link it is simply dropped."""
@@ -82,9 +86,14 @@ class LivenessAMP(amp.AMP):
         """Called when the peer is dropped for silence, before the connection closes."""
 
     @Heartbeat.responder
-    def heartbeat(self) -> dict[str, Any]:
-        """A heartbeat carries nothing; receiving it was the point."""
+    def heartbeat(self, position: int | None = None) -> dict[str, Any]:
+        """Receiving it was the point; a position, if any, goes to ``peerPosition``."""
+        if position is not None:
+            self.peerPosition(position)
         return {}
+
+    def peerPosition(self, position: int) -> None:
+        """The peer reported the change-log position it has applied."""
 
     def stopHeartbeat(self) -> None:
         """Stop sending heartbeats."""

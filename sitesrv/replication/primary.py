@@ -245,10 +245,7 @@ class SiteSession(LivenessAMP):
         site = self._require_site()
         if after < 0:
             raise ProtocolViolation("negative position")
-        now = self.clock.seconds()
-        if now - self._last_link_write >= LINK_WRITE_INTERVAL:
-            self._last_link_write = now
-            await self.store.runWrite(thdLinkSeen, site, now, after)
+        await self._recordPosition(site, after)
         found = await self.store.runRead(thdChangeBatch, after, BATCH_ROWS, (None, site))
         changes, upto, limited, partial = found.changes, found.upto, found.limited, found.partial
         if not self.passwords_included:
@@ -268,6 +265,19 @@ class SiteSession(LivenessAMP):
             "partial": partial,
             "head": max(head, upto),
         }
+
+    async def _recordPosition(self, site: str, position: int) -> None:
+        # At most once a second per site: this is bookkeeping, not the data path.
+        now = self.clock.seconds()
+        if now - self._last_link_write >= LINK_WRITE_INTERVAL:
+            self._last_link_write = now
+            await self.store.runWrite(thdLinkSeen, site, now, position)
+
+    def peerPosition(self, position: int) -> None:
+        """A site's heartbeat says how far it has applied the change log."""
+        if self.site is not None and position >= 0:
+            d = Deferred.fromCoroutine(self._recordPosition(self.site, position))
+            d.addErrback(lambda f: log.failure("recording a site's position", f))
 
     def _fit(
         self, changes: list[Change], upto: int, limited: bool, partial: bool

@@ -335,6 +335,10 @@ class PrimaryLinkProtocol(LivenessAMP):
         finally:
             self._pulling = False
 
+    def heartbeatArguments(self) -> dict[str, Any]:
+        """Tell the primary how far the replica has got (for ``site list`` and trimming)."""
+        return {"position": self.position}
+
     def peerSilent(self, reason: str) -> None:
         """The primary missed three heartbeats: go offline now, before the close."""
         self.observer.heartbeatMissed(reason)

@@ -218,3 +218,14 @@ def thdListTransactions(
     if account_id is not None:
         q = q.where(transactions.c.account_id == account_id)
     return [_transaction(r) for r in conn.execute(q)]
+
+
+def thdOverdrafts(conn: Connection, limit: int = 100) -> list[Transaction]:
+    """Charges recorded offline that took an account past its credit limit, newest first."""
+    rows = conn.execute(
+        select(transactions)
+        .where(transactions.c.overdraft.is_(True))
+        .order_by(transactions.c.id.desc())
+        .limit(limit)
+    )
+    return [_transaction(r) for r in rows]

@@ -280,3 +280,60 @@ def thdDeadLetter(conn: Connection, site: str, record: Any, error: str, now: flo
             created_at=now,
         )
     )
+
+
+@attrs.frozen
+class DeadLetterRecord:
+    """A site record the primary could not apply."""
+
+    id: int
+    site: str
+    seq: int
+    uuid: str
+    payload: str
+    error: str
+    created_at: float
+    resolved_at: float | None
+    resolution: str
+
+
+def thdListDeadLetters(conn: Connection, include_resolved: bool = False) -> list[DeadLetterRecord]:
+    """Dead letters, oldest first; unresolved only unless asked."""
+    q = select(dead_letters).order_by(dead_letters.c.id)
+    if not include_resolved:
+        q = q.where(dead_letters.c.resolved_at.is_(None))
+    return [
+        DeadLetterRecord(
+            r.id,
+            r.site,
+            r.seq,
+            r.uuid,
+            r.payload,
+            r.error,
+            r.created_at,
+            r.resolved_at,
+            r.resolution,
+        )
+        for r in conn.execute(q)
+    ]
+
+
+def thdResolveDeadLetter(conn: Connection, letter_id: int, resolution: str, now: float) -> None:
+    """Mark a dead letter resolved, with what the administrator did about it."""
+    done = conn.execute(
+        update(dead_letters)
+        .where(dead_letters.c.id == letter_id, dead_letters.c.resolved_at.is_(None))
+        .values(resolved_at=now, resolution=resolution[:1000])
+    ).rowcount
+    if not done:
+        raise SitesrvError(f"no unresolved dead letter with id {letter_id}")
+
+
+def thdOutbox(conn: Connection, limit: int) -> tuple[int, list[Pending]]:
+    """This site's ``applied_seq`` and its newest records (pending and retained)."""
+    rows = conn.execute(
+        select(outbox.c.seq, outbox.c.uuid, outbox.c.payload)
+        .order_by(outbox.c.seq.desc())
+        .limit(limit)
+    )
+    return thdOwnAppliedSeq(conn), [Pending(r.seq, r.uuid, json.loads(r.payload)) for r in rows]
