@@ -252,3 +252,27 @@ class FailureThrottleTests(SynchronousTestCase):
         self.assertGreater(throttle.wait("device:mfd-1"), 0)
         throttle.succeeded("device:mfd-1")
         self.assertEqual(throttle.wait("device:mfd-1"), 0)
+
+
+class ThrottleScopeTests(SynchronousTestCase):
+    """Failures with one method do not lock a user out of another."""
+
+    def test_wrong_passwords_do_not_block_cards(self) -> None:
+        """Someone typing wrong passwords for alice cannot stop her card working."""
+        store = open_store(sqlite_url(self))
+        self.addCleanup(store.stop)
+        store.write(thdInitPrimary, "hq", "USD", 2, NOW)
+        store.write(thdAddUser, "alice", NOW, password_verifier=make_verifier("pw", n=2**10))
+        store.write(thdAddCard, "alice", "1001", NOW)
+        auth = Authenticator(
+            read=lambda fn, *a: run_inline(store.read, fn, *a),
+            throttle=FailureThrottle(Clock()),
+            verify=run_inline,
+        )
+        for _ in range(6):
+            self.failureResultOf(Deferred.fromCoroutine(auth.password("alice", "bad", "web")))
+        # The password itself is now blocked for alice, from any device...
+        self.failureResultOf(Deferred.fromCoroutine(auth.password("alice", "pw", "web2")))
+        # ...but her card still works.
+        identity = self.successResultOf(Deferred.fromCoroutine(auth.card("1001", "reader")))
+        self.assertEqual(identity.user.username, "alice")

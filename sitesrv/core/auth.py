@@ -8,6 +8,7 @@ injected so tests drive it with ``task.Clock``.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -122,7 +123,7 @@ class Authenticator:
         waits = [self.throttle.wait(k) for k in keys]
         longest = max(waits, default=0.0)
         if longest > 0:
-            raise AuthFailed(f"too many failed attempts; try again in {int(longest) + 1} s")
+            raise AuthFailed(f"too many failed attempts; try again in {math.ceil(longest)} s")
 
     def _refuse(self, reason: str, method: str, *keys: str) -> AuthFailed:
         for key in keys:
@@ -148,13 +149,19 @@ class Authenticator:
         creds = await self.read(thdCredentialsByCard, normalised)
         if creds is None:
             raise self._refuse("unknown card", method, device_key)
-        user_key = f"user:{creds.user.username}"
-        self._throttled(device_key, user_key)
+        if pin is None:
+            # Nothing secret to guess per user: only the device is throttled.
+            keys: tuple[str, ...] = (device_key,)
+        else:
+            # Per user and per method, so wrong passwords typed at a web page cannot
+            # lock someone out of the card readers.
+            keys = (device_key, f"pin:{creds.user.username}")
+        self._throttled(*keys)
         if creds.user.disabled:
             raise self._refuse("user disabled", method, device_key)
         if pin is not None:
-            await self._verify(creds.pin_verifier, pin, "wrong PIN", method, device_key, user_key)
-        return self._accept(creds.user, method, device_key, user_key)
+            await self._verify(creds.pin_verifier, pin, "wrong PIN", method, *keys)
+        return self._accept(creds.user, method, *keys)
 
     async def password(self, username: str, password: str, device: str = "") -> Identity:
         """Authenticate by username and password."""
@@ -162,7 +169,7 @@ class Authenticator:
         device_key = f"device:{device}"
         _check(username, "username")
         _check(password, "password")
-        user_key = f"user:{username}"
+        user_key = f"password:{username}"
         self._throttled(device_key, user_key)
         creds: Credentials | None = await self.read(thdCredentialsByUsername, username)
         # The same message for an unknown user and a wrong password: no user enumeration.
