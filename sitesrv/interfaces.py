@@ -24,7 +24,7 @@ class IConnectorFactory(Interface):
         "record is an error."
     )
 
-    def makeService(device, session_factory):  # type: ignore[no-untyped-def]
+    def makeService(device, session_factory):
         """Return an ``IService`` that drives ``device`` until stopped.
 
         ``device`` is the device record (name, site, options, printer); the service uses
@@ -35,10 +35,10 @@ class IConnectorFactory(Interface):
 class IStatusSource(Interface):
     """Something that reports this server's health; called by ``/health``."""
 
-    def status():  # type: ignore[no-untyped-def]
+    def status():
         """A Deferred firing with a JSON-serialisable dict (role, name, mode, version...)."""
 
-    def serving():  # type: ignore[no-untyped-def]
+    def serving():
         """Whether the server answers requests now (``/health`` then returns 200)."""
 
 
@@ -48,35 +48,35 @@ class IReplicationObserver(Interface):
     Implemented by the failover machine; every method returns quickly and never raises.
     """
 
-    def connected(skew):  # type: ignore[no-untyped-def]
+    def connected(skew):
         """The primary accepted our hello; ``skew`` is site clock minus primary clock (s)."""
 
-    def syncing(reason):  # type: ignore[no-untyped-def]
+    def syncing(reason):
         """A (re-)snapshot is being loaded, for ``reason``; the old replica still serves."""
 
-    def snapshotLoaded():  # type: ignore[no-untyped-def]
+    def snapshotLoaded():
         """A complete snapshot has been swapped in."""
 
-    def changesApplied(count, position):  # type: ignore[no-untyped-def]
+    def changesApplied(count, position):
         """A batch of ``count`` changes was applied; the replica is at ``position``."""
 
-    def caughtUp(position):  # type: ignore[no-untyped-def]
+    def caughtUp(position):
         """The replica has reached the primary's head."""
 
-    def outboxSubmitted(count, applied_seq):  # type: ignore[no-untyped-def]
+    def outboxSubmitted(count, applied_seq):
         """``count`` records were submitted; the primary has applied up to ``applied_seq``."""
 
-    def outboxDrained():  # type: ignore[no-untyped-def]
+    def outboxDrained():
         """Everything the site recorded has been applied at the primary."""
 
-    def heartbeatMissed(reason):  # type: ignore[no-untyped-def]
+    def heartbeatMissed(reason):
         """The primary was silent for three heartbeat intervals; the link is being dropped."""
 
-    def lost(reason):  # type: ignore[no-untyped-def]
+    def lost(reason):
         """The link closed, or was dropped after missed heartbeats."""
 
-    def refused(reason):  # type: ignore[no-untyped-def]
+    def refused(reason):
         """The primary refused us (unknown site, bad token, version); we retry."""
 
-    def revoked(reason):  # type: ignore[no-untyped-def]
+    def revoked(reason):
         """The primary revoked this site: stop serving."""

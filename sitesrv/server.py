@@ -165,7 +165,7 @@ class Server(MultiService):
     async def _stop(self) -> None:
         if self._prune is not None and self._prune.running:
             self._prune.stop()
-        await super().stopService()  # type: ignore[misc]
+        await super().stopService()
         self.cpu.stop()
         self.store.stop()
 
@@ -226,7 +226,7 @@ def make_server(config: Config, reactor: IReactorTime | IReactorThreads) -> Serv
                 reactor.seconds(),  # type: ignore[union-attr]
             )
     except SQLAlchemyError as e:
-        first = str(e.orig if getattr(e, "orig", None) else e).strip().splitlines()[0]
+        first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
         raise StartupError(f"cannot open database {config.database}: {first}") from None
     except OSError as e:
         raise StartupError(f"cannot create the database directory: {e}") from None

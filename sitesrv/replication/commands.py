@@ -8,6 +8,8 @@ rows travel as one ``String`` value holding JSON, zlib-compressed from protocol 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from twisted.protocols import amp
 
 
@@ -80,7 +82,7 @@ class Heartbeat(amp.Command):
     """Either way: proof of life every interval; a site's also carries its position."""
 
     arguments = [(b"position", amp.Integer(optional=True))]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     requiresAnswer = False
 
 
@@ -88,7 +90,7 @@ class Poke(amp.Command):
     """Primary → site: the change log's head moved; pull with GetChanges."""
 
     arguments = [(b"head", amp.Integer())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     requiresAnswer = False
 
 
@@ -115,7 +117,7 @@ class GetChanges(amp.Command):
 class BeginSnapshot(amp.Command):
     """Site → primary: send me a snapshot; the primary then pushes SnapshotPage."""
 
-    arguments: list[tuple[bytes, amp.Argument]] = []
+    arguments: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     response = [
         (b"snapshot", amp.Unicode()),
         (b"epoch", amp.Unicode()),
@@ -138,7 +140,7 @@ class SnapshotPage(amp.Command):
         (b"page", amp.String()),
         (b"last", amp.Boolean()),
     ]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     fatalErrors = COMMON_ERRORS
 
 
@@ -146,7 +148,7 @@ class Revoke(amp.Command):
     """Primary → site: this site has been revoked; the primary closes the link next."""
 
     arguments = [(b"reason", amp.Unicode())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     requiresAnswer = False
 
 

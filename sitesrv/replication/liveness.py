@@ -69,7 +69,8 @@ class LivenessAMP(amp.AMP):
             self.stopHeartbeat()
             self.peerSilent(self.dropReason)
             if self.transport is not None:
-                self.transport.abortConnection()
+                # abort, not close: a black-holed peer would never finish a clean close.
+                self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         self.notify(Heartbeat, **self.heartbeatArguments())
 

@@ -109,6 +109,11 @@ def decode_change(item: Any) -> Change:
     return Change(position, table, row_id, op, image, None, fmt)
 
 
+def _released(result: Any, window: DeferredSemaphore) -> Any:
+    window.release()
+    return result
+
+
 class SiteSession(LivenessAMP):
     """One site's replication connection, at the primary."""
 
@@ -382,7 +387,7 @@ class SiteSession(LivenessAMP):
                     page=value,
                     last=False,
                 )
-                d.addBoth(lambda r: (window.release(), r)[1])
+                d.addBoth(_released, window)
                 outstanding.append(d)
                 outstanding = [o for o in outstanding if not o.called]
         await gatherResults(outstanding)
@@ -448,7 +453,7 @@ class PrimaryReplication(Service):
         self.heartbeat = heartbeat
         self.changelog_max_age = changelog_max_age
         self.monotonic = monotonic
-        self.reactor = reactor if reactor is not None else clock
+        self.reactor: Any = reactor if reactor is not None else clock
         self.sessions: dict[str, SiteSession] = {}
         self.head = 0
         self.snapshots = DeferredSemaphore(MAX_SNAPSHOTS)

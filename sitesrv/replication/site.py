@@ -391,7 +391,6 @@ class SiteReplication(MultiService):
             Factory.forProtocol(lambda: PrimaryLinkProtocol(self)),
             retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=max_backoff),
             clock=clock,
-            prepareConnection=self._connected,
         )
         self.client.setServiceParent(self)
         if link.insecure:
@@ -400,9 +399,6 @@ class SiteReplication(MultiService):
                 "tokens and data cross the network unencrypted",
                 endpoint=link.endpoint,
             )
-
-    def _connected(self, protocol: PrimaryLinkProtocol) -> None:
-        pass
 
     def outboxChanged(self) -> None:
         """A record was added to the outbox: submit it now if the primary is reachable."""

@@ -121,12 +121,12 @@ def _thdNextPosition(conn: Connection) -> int:
     return conn.execute(_NEXT_POSITION).scalar_one()
 
 
-def _image(table: Table, row: Mapping[str, Any]) -> dict[str, Any]:
+def _image(table: Table, row: Any) -> dict[str, Any]:
     secret = REPLICATED_BY_NAME[table.name].secret_columns
     return {k: v for k, v in row.items() if k not in secret}
 
 
-def _thdScope(conn: Connection, table: Table, row: Mapping[str, Any]) -> str | None:
+def _thdScope(conn: Connection, table: Table, row: Any) -> str | None:
     column = REPLICATED_BY_NAME[table.name].scope_column
     if column is None:
         return None
