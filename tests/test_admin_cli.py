@@ -516,7 +516,26 @@ class AdminCLITests(SynchronousTestCase):
             [(s["name"], s["primary"], s["revoked"]) for s in listed],
             [("hq", True, False), ("north", False, False)],
         )
-        self.assertEqual(set(listed[0]), {"name", "primary", "revoked", "applied_seq", "created"})
+        self.assertEqual(
+            set(listed[0]),
+            {
+                "name",
+                "primary",
+                "revoked",
+                "state",
+                "connected",
+                "position",
+                "lag",
+                "last_seen",
+                "skew",
+                "version",
+                "address",
+                "applied_seq",
+                "created",
+            },
+        )
+        self.assertEqual(listed[0]["state"], "this primary")
+        self.assertEqual(listed[1]["state"], "never connected")
         self.assertIn("revoked site north", self.ok("site", "revoke", "north"))
         self.assertTrue(self.json("site", "list")[1]["revoked"])
         rotated = self.json("site", "rotate-token", "north")
