@@ -17,6 +17,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.task import LoopingCall
@@ -107,11 +108,6 @@ def decode_change(item: Any) -> Change:
     except (TypeError, ValueError):
         raise ProtocolViolation("malformed change in batch") from None
     return Change(position, table, row_id, op, image, None, fmt)
-
-
-def _released(result: Any, window: DeferredSemaphore) -> Any:
-    window.release()
-    return result
 
 
 class SiteSession(LivenessAMP):
@@ -360,6 +356,9 @@ class SiteSession(LivenessAMP):
             self.service.snapshots.release()
             self.service.inThread(snapshot.close).addErrback(lambda f: None)
             if isinstance(result, Failure):
+                if result.check(ConnectionDone, ConnectionLost):
+                    log.info("site {site!r}: link closed during its snapshot", site=self.site)
+                    return
                 log.failure("snapshot for {site!r} failed", result, site=self.site)
                 self._drop("snapshot failed")
 
@@ -368,9 +367,18 @@ class SiteSession(LivenessAMP):
     async def _push(self, snapshot_id: str, snapshot: Snapshot) -> None:
         window = DeferredSemaphore(SNAPSHOT_WINDOW)
         outstanding: list[Deferred[Any]] = []
+        # The first page that failed (the link closed, or the site refused it): once a
+        # page fails, reading and sending the rest of the snapshot is wasted work.
+        failed: list[Failure] = []
+
+        def settled(result: Any) -> None:
+            window.release()
+            if isinstance(result, Failure) and not failed:
+                failed.append(result)
+
         seq = itertools.count()
         rows_sent = 0
-        while True:
+        while not failed:
             chunk = await self.service.inThread(snapshot.next_rows)
             if chunk is None:
                 break
@@ -378,6 +386,8 @@ class SiteSession(LivenessAMP):
             rows_sent += len(rows)
             for value in codec.pack(rows, self.protocol_version):
                 await window.acquire()
+                if failed:
+                    break
                 d = self.callRemote(
                     SnapshotPage,
                     snapshot=snapshot_id,
@@ -387,10 +397,12 @@ class SiteSession(LivenessAMP):
                     page=value,
                     last=False,
                 )
-                d.addBoth(_released, window)
+                d.addBoth(settled)
                 outstanding.append(d)
                 outstanding = [o for o in outstanding if not o.called]
         await gatherResults(outstanding)
+        if failed:
+            failed[0].raiseException()
         await self.callRemote(
             SnapshotPage,
             snapshot=snapshot_id,
