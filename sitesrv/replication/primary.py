@@ -58,6 +58,7 @@ from sitesrv.store.policies import thdEffectivePolicies
 from sitesrv.store.sites import (
     thdLink,
     thdLinkDown,
+    thdLinkPasswords,
     thdLinks,
     thdLinkSeen,
     thdLinkUp,
@@ -190,6 +191,9 @@ class SiteSession(LivenessAMP):
         self.protocol_version = protocol_version
         self.passwords_included = passwords
         skew = site_time - time.time()
+        # What the site's replica holds changes only once a snapshot is in: until then
+        # keep the old fact, so a re-snapshot that fails half-way is asked for again.
+        holds = {} if reason else {"passwords_included": passwords}
         await self.store.runWrite(
             thdLinkUp,
             site,
@@ -199,7 +203,7 @@ class SiteSession(LivenessAMP):
             software_version=software_version,
             protocol_version=protocol_version,
             address=peer,
-            passwords_included=passwords,
+            **holds,
         )
         self.service.attach(self)
         self.startHeartbeat(self.service.heartbeat)
@@ -412,6 +416,9 @@ class SiteSession(LivenessAMP):
             page=codec.pack([], self.protocol_version)[0],
             last=True,
         )
+        # The site answers the last page once the snapshot is swapped in.
+        assert self.site is not None
+        await self.store.runWrite(thdLinkPasswords, self.site, self.passwords_included)
         log.info(
             "site {site!r}: snapshot at position {position} sent ({rows} rows)",
             site=self.site,

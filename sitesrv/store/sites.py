@@ -203,6 +203,13 @@ def thdLinkSeen(conn: Connection, site: str, now: float, position: int) -> None:
     )
 
 
+def thdLinkPasswords(conn: Connection, site: str, included: bool) -> None:
+    """Record whether a site's replica now holds password verifiers (after a snapshot)."""
+    conn.execute(
+        update(site_links).where(site_links.c.site == site).values(passwords_included=included)
+    )
+
+
 def thdLinkDown(conn: Connection, site: str, now: float) -> None:
     """Record that a site's link went down."""
     conn.execute(
