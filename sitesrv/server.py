@@ -83,7 +83,8 @@ class Server(MultiService):
             failover=self.failover,
             recorded=self._outboxChanged,
         )
-        self.web = strports.service(config.listen.web, Site(make_root(self)), reactor=reactor)
+        root = make_root(self, self.gate, store.runRead, reactor)
+        self.web = strports.service(config.listen.web, Site(root), reactor=reactor)
         self.web.setServiceParent(self)
 
     def _setUpPrimary(self) -> None:

@@ -187,3 +187,9 @@ def thdRotateProviderKey(conn: Connection, name: str, now: float) -> str:
     key = new_token()
     thdUpdate(conn, providers, provider.id, {"key_hash": hash_token(key)}, now)
     return key
+
+
+def thdDeviceByKey(conn: Connection, key: str) -> Device | None:
+    """The device whose API key this is, or None (compared by hash)."""
+    row = conn.execute(_device_query().where(devices.c.api_key_hash == hash_token(key))).first()
+    return None if row is None else _device(row)

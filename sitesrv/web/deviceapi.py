@@ -1,0 +1,438 @@
+"""The JSON device API under ``/api/v1/`` that embedded MFD software calls.
+
+A device authenticates every request with its API key as a bearer token. It starts a
+session for a user (card, card + PIN, or username + password), records copy, scan and
+fax usage in that session (priced with the device's printer's prices), and ends it.
+Everything goes through the gate, so offline policies apply at a site and an unsynced
+or revoked site answers 503 with the reason. See ``openapi.json`` for the exact shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid as uuidlib
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+import sitesrv
+from sitesrv.core.auth import AuthFailed, Identity
+from sitesrv.core.gate import Gate, JobInfo, Refused
+from sitesrv.costing import job_cost
+from sitesrv.errors import InsufficientFunds, SitesrvError
+from sitesrv.money import format_amount
+from sitesrv.store.devices import Device, thdDeviceByKey
+from sitesrv.store.policies import thdDecimals
+from sitesrv.store.printers import Printer, thdPrinter
+
+log = Logger()
+
+#: Largest request body accepted.
+MAX_BODY = 16_384
+#: Sessions end after this long without a request.
+SESSION_IDLE = 300.0
+#: Most sessions held at once (oldest dropped first).
+MAX_SESSIONS = 10_000
+#: Largest page count or copy count in one usage record.
+MAX_PAGES = 100_000
+
+USAGE_KINDS = ("copy", "scan", "fax")
+
+
+class HTTPError(Exception):
+    """An error answer: status code and a sentence for the device's screen."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@attrs.define
+class Session:
+    """A user's session at one device."""
+
+    id: str
+    device: str
+    identity: Identity
+    expires: float
+
+
+def _send(request: Request, code: int, body: Any) -> None:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    if body is not None:
+        request.write(json.dumps(body, sort_keys=True).encode("utf-8"))
+    request.finish()
+
+
+def _body(request: Request) -> dict[str, Any]:
+    length = request.getHeader(b"content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        raise HTTPError(413, f"request body larger than {MAX_BODY} bytes")
+    assert request.content is not None
+    data = request.content.read(MAX_BODY + 1)
+    if len(data) > MAX_BODY:
+        raise HTTPError(413, f"request body larger than {MAX_BODY} bytes")
+    try:
+        body = json.loads(data or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the request body must be a JSON object")
+    return body
+
+
+def _fields(body: dict[str, Any], spec: dict[str, tuple[type, bool]]) -> dict[str, Any]:
+    """Check ``body`` against ``{name: (type, required)}``: unknown, missing, wrong type."""
+    unknown = set(body) - set(spec)
+    if unknown:
+        raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+    for name, (kind, required) in spec.items():
+        if name not in body:
+            if required:
+                raise HTTPError(400, f"missing field {name!r}")
+            continue
+        value = body[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise HTTPError(400, f"field {name!r} must be {_TYPE_NAMES[kind]}")
+    return body
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+class DeviceAPI(Resource):
+    """``/api/v1/``: sessions, usage and the OpenAPI document."""
+
+    isLeaf = True
+
+    def __init__(self, gate: Gate, read: Callable[..., Deferred[Any]], clock: IReactorTime):
+        super().__init__()
+        self.gate = gate
+        self.read = read
+        self.clock = clock
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def render(self, request: Request) -> int:
+        """Route the request and answer it asynchronously."""
+        d = Deferred.fromCoroutine(self._route(request))
+        d.addCallbacks(
+            lambda result: _send(request, *result),
+            lambda failure: self._failed(request, failure),
+        )
+        return NOT_DONE_YET
+
+    def _failed(self, request: Request, failure: Failure) -> None:
+        error = failure.value
+        if isinstance(error, HTTPError):
+            code, message = error.code, error.message
+        elif isinstance(error, AuthFailed):
+            code, message = 401, error.reason
+        elif isinstance(error, Refused):
+            serving = self.gate.failover is None or self.gate.failover.serving()
+            code, message = (403 if serving else 503), str(error)
+        elif isinstance(error, InsufficientFunds):
+            code, message = 402, str(error)
+        elif isinstance(error, SitesrvError):
+            code, message = 400, str(error)
+        else:
+            # Never a stack trace in an answer; the log has it.
+            log.failure("device API request failed", failure)
+            code, message = 500, "internal error"
+        _send(request, code, {"error": message})
+
+    async def _route(self, request: Request) -> tuple[int, Any]:
+        path = [p.decode("utf-8", "replace") for p in request.postpath or [] if p]
+        method = request.method.decode("ascii", "replace")
+        if path == ["openapi.json"] and method == "GET":
+            return 200, openapi()
+        device = await self._device(request)
+        if path == ["sessions"] and method == "POST":
+            return await self._start(device, _body(request))
+        if len(path) >= 2 and path[0] == "sessions":
+            session = self._session(path[1], device)
+            rest = path[2:]
+            if rest == [] and method == "GET":
+                return 200, await self._describe(session)
+            if rest == [] and method == "DELETE":
+                self.sessions.pop(session.id, None)
+                return 204, None
+            if rest == ["usage"] and method == "POST":
+                return await self._usage(device, session, _body(request))
+        raise HTTPError(404, f"no such endpoint: {method} /api/v1/{'/'.join(path)}")
+
+    async def _device(self, request: Request) -> Device:
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key or len(key) > 200:
+            raise HTTPError(401, "a device API key is required (Authorization: Bearer KEY)")
+        device: Device | None = await self.read(thdDeviceByKey, key.strip())
+        if device is None or device.site != self.gate.site:
+            raise HTTPError(401, "unknown device API key")
+        return device
+
+    def _session(self, session_id: str, device: Device) -> Session:
+        self._expire()
+        session = self.sessions.get(session_id)
+        if session is None or session.device != device.name:
+            raise HTTPError(404, "no such session (it may have expired)")
+        session.expires = self.clock.seconds() + SESSION_IDLE
+        self.sessions.move_to_end(session_id)
+        return session
+
+    def _expire(self) -> None:
+        now = self.clock.seconds()
+        for sid in [sid for sid, s in self.sessions.items() if s.expires <= now]:
+            del self.sessions[sid]
+
+    # -- endpoints ------------------------------------------------------------------
+
+    async def _start(self, device: Device, body: dict[str, Any]) -> tuple[int, Any]:
+        _fields(
+            body,
+            {
+                "card": (str, False),
+                "pin": (str, False),
+                "username": (str, False),
+                "password": (str, False),
+            },
+        )
+        if "card" in body and "username" not in body and "password" not in body:
+            identity = await self.gate.card(body["card"], device.name, body.get("pin"))
+        elif "username" in body and "password" in body and not {"card", "pin"} & set(body):
+            identity = await self.gate.password(body["username"], body["password"], device.name)
+        else:
+            raise HTTPError(400, "give either card (and pin) or username and password")
+        self._expire()
+        while len(self.sessions) >= MAX_SESSIONS:
+            self.sessions.popitem(last=False)
+        session = Session(
+            id=secrets.token_urlsafe(24),
+            device=device.name,
+            identity=identity,
+            expires=self.clock.seconds() + SESSION_IDLE,
+        )
+        self.sessions[session.id] = session
+        return 201, await self._describe(session)
+
+    async def _describe(self, session: Session) -> dict[str, Any]:
+        decimals = await self.read(thdDecimals)
+        balance = await self.gate.balance(session.identity)
+        user = session.identity.user
+        return {
+            "session": session.id,
+            "user": {"username": user.username, "full_name": user.full_name},
+            "method": session.identity.method,
+            "balance": format_amount(balance, decimals),
+            "balance_minor": balance,
+            "expires_in": max(0, round(session.expires - self.clock.seconds())),
+            "offline": self.gate.offline(),
+        }
+
+    async def _usage(
+        self, device: Device, session: Session, body: dict[str, Any]
+    ) -> tuple[int, Any]:
+        _fields(
+            body,
+            {
+                "kind": (str, True),
+                "pages": (int, True),
+                "copies": (int, False),
+                "colour": (bool, False),
+                "duplex": (bool, False),
+                "uuid": (str, False),
+            },
+        )
+        if body["kind"] not in USAGE_KINDS:
+            raise HTTPError(400, f"kind must be one of {', '.join(USAGE_KINDS)}")
+        pages, copies = body["pages"], body.get("copies", 1)
+        if not 0 <= pages <= MAX_PAGES or not 1 <= copies <= MAX_PAGES:
+            raise HTTPError(400, f"pages must be 0-{MAX_PAGES} and copies 1-{MAX_PAGES}")
+        txn_uuid = body.get("uuid") or str(uuidlib.uuid4())
+        try:
+            uuidlib.UUID(txn_uuid)
+        except ValueError:
+            raise HTTPError(400, "uuid must be a UUID") from None
+        if device.printer is None:
+            raise HTTPError(409, f"device {device.name!r} has no printer to price usage")
+        printer: Printer = await self.read(thdPrinter, device.printer)
+        colour, duplex = body.get("colour", False), body.get("duplex", False)
+        cost = job_cost(printer.prices, pages, copies, colour, duplex)
+        job = JobInfo(
+            kind=body["kind"],
+            printer_id=printer.id,
+            printer_name=printer.name,
+            pages=pages,
+            copies=copies,
+            colour=colour,
+            duplex=duplex,
+            document=f"{body['kind']} at {device.name}",
+            status="done",
+            uuid=txn_uuid,
+        )
+        result = await self.gate.charge(session.identity, cost, body["kind"], job, txn_uuid)
+        decimals = await self.read(thdDecimals)
+        return 201, {
+            "uuid": result.txn_uuid,
+            "charged": format_amount(cost, decimals),
+            "charged_minor": cost,
+            "account": result.account_name,
+            "balance": format_amount(result.balance, decimals),
+            "balance_minor": result.balance,
+            "offline": result.offline,
+        }
+
+
+def openapi() -> dict[str, Any]:
+    """The OpenAPI 3 document of this API (checked against the routes by the tests)."""
+    error = {"$ref": "#/components/schemas/Error"}
+    bearer: list[dict[str, list[str]]] = [{"deviceKey": []}]
+
+    def answer(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"description": description}
+        if schema is not None:
+            out["content"] = {"application/json": {"schema": schema}}
+        return out
+
+    errors = {
+        "400": answer("malformed request", error),
+        "401": answer("bad device key or failed login", error),
+        "404": answer("no such session", error),
+        "503": answer("site not serving (unsynced or revoked)", error),
+    }
+    session = {"$ref": "#/components/schemas/Session"}
+    session_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "sitesrv device API", "version": sitesrv.__version__},
+        "servers": [{"url": "/api/v1"}],
+        "components": {
+            "securitySchemes": {"deviceKey": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "properties": {"error": {"type": "string"}},
+                    "required": ["error"],
+                },
+                "Session": {
+                    "type": "object",
+                    "properties": {
+                        "session": {"type": "string"},
+                        "user": {
+                            "type": "object",
+                            "properties": {
+                                "username": {"type": "string"},
+                                "full_name": {"type": "string"},
+                            },
+                        },
+                        "method": {"type": "string", "enum": ["card", "card+pin", "password"]},
+                        "balance": {"type": "string"},
+                        "balance_minor": {"type": "integer"},
+                        "expires_in": {"type": "integer"},
+                        "offline": {"type": "boolean"},
+                    },
+                },
+                "Login": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "card": {"type": "string"},
+                        "pin": {"type": "string"},
+                        "username": {"type": "string"},
+                        "password": {"type": "string"},
+                    },
+                },
+                "Usage": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["kind", "pages"],
+                    "properties": {
+                        "kind": {"type": "string", "enum": list(USAGE_KINDS)},
+                        "pages": {"type": "integer", "minimum": 0, "maximum": MAX_PAGES},
+                        "copies": {"type": "integer", "minimum": 1, "maximum": MAX_PAGES},
+                        "colour": {"type": "boolean"},
+                        "duplex": {"type": "boolean"},
+                        "uuid": {"type": "string", "format": "uuid"},
+                    },
+                },
+                "Charge": {
+                    "type": "object",
+                    "properties": {
+                        "uuid": {"type": "string"},
+                        "charged": {"type": "string"},
+                        "charged_minor": {"type": "integer"},
+                        "account": {"type": "string"},
+                        "balance": {"type": "string"},
+                        "balance_minor": {"type": "integer"},
+                        "offline": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+        "paths": {
+            "/openapi.json": {
+                "get": {"summary": "this document", "responses": {"200": answer("OpenAPI")}}
+            },
+            "/sessions": {
+                "post": {
+                    "summary": "start a session by card, card + PIN, or username + password",
+                    "security": bearer,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Login"}}
+                        },
+                    },
+                    "responses": {"201": answer("session started", session), **errors},
+                }
+            },
+            "/sessions/{id}": {
+                "parameters": session_id,
+                "get": {
+                    "summary": "the session and the user's balance",
+                    "security": bearer,
+                    "responses": {"200": answer("the session", session), **errors},
+                },
+                "delete": {
+                    "summary": "end the session",
+                    "security": bearer,
+                    "responses": {"204": answer("ended"), **errors},
+                },
+            },
+            "/sessions/{id}/usage": {
+                "parameters": session_id,
+                "post": {
+                    "summary": "record copy, scan or fax usage and charge it",
+                    "security": bearer,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Usage"}}
+                        },
+                    },
+                    "responses": {
+                        "201": answer("charged", {"$ref": "#/components/schemas/Charge"}),
+                        "402": answer("insufficient balance or offline allowance", error),
+                        "403": answer("refused by an offline policy", error),
+                        "409": answer("the device has no printer to price usage", error),
+                        **errors,
+                    },
+                },
+            },
+        },
+    }
+
+
