@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, case, delete, func, insert, select, update
 
 from sitesrv.errors import SitesrvError
 from sitesrv.store import jobs, ledger
@@ -67,10 +67,15 @@ def thdOwnAppliedSeq(conn: Connection) -> int:
 
 def thdRecord(conn: Connection, record: dict[str, Any], now: float) -> int:
     """Add a record to the outbox (the caller's transaction); return its sequence number."""
+    # Above applied_seq too: a site rebuilt from an empty (or restored) database counts
+    # from 0 again, and a record at or below applied_seq would be taken as applied and
+    # never submitted.
+    applied = thdOwnAppliedSeq(conn)
+    last = replica_state.c.outbox_seq
     seq = conn.execute(
         update(replica_state)
         .where(replica_state.c.id == 1)
-        .values(outbox_seq=replica_state.c.outbox_seq + 1)
+        .values(outbox_seq=case((last < applied, applied), else_=last) + 1)
         .returning(replica_state.c.outbox_seq)
     ).scalar_one_or_none()
     if seq is None:
