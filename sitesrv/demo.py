@@ -1,7 +1,9 @@
 """The demo: ``twistd -n sitesrv --demo`` runs sitesrv with no set-up.
 
-It writes a config under ``./var/demo``, seeds demo users, cards, a PIN, printers and a
-device on first start, prints a short "try this" sheet and runs the server on localhost.
+A primary ("main") and one site server ("branch") in one process, each with its own
+ports and SQLite database under ``./var/demo``, replicating over TLS on localhost with
+certificates made on first start. Demo users, cards, a PIN, printers and an MFD device
+are seeded on first start, and a short "try this" sheet is printed.
 """
 
 from __future__ import annotations
@@ -11,19 +13,19 @@ import sys
 import textwrap
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import quoteStringArgument
 
 from sitesrv.config import load
 from sitesrv.secrets import make_verifier
 from sitesrv.server import make_server
-from sitesrv.store import Store
-from sitesrv.store import devices, printers, users
+from sitesrv.store import devices, policies, printers, sites, users
 from sitesrv.store.audit import thdAudit
+from sitesrv.tls import init_tls
 
 DEMO_DIR = os.path.join("var", "demo")
 PRIMARY_NAME = "main"
-WEB_PORT = 9193
-PROVIDER_PORT = 9191
+SITE_NAME = "branch"
 
 PRIMARY_CONFIG = f"""\
 # Written by `twistd -n sitesrv --demo`; edit freely, it is not overwritten.
@@ -32,8 +34,26 @@ name = "{PRIMARY_NAME}"
 data_dir = "primary"
 
 [listen]
-web = "tcp:{WEB_PORT}:interface=127.0.0.1"
-providers = "tcp:{PROVIDER_PORT}:interface=127.0.0.1"
+web = "tcp:9193:interface=127.0.0.1"
+providers = "tcp:9191:interface=127.0.0.1"
+replication = "ssl:9192:interface=127.0.0.1:privateKey={{key}}:certKey={{cert}}"
+"""
+
+SITE_CONFIG = f"""\
+# Written by `twistd -n sitesrv --demo`; edit freely, it is not overwritten.
+role = "site"
+name = "{SITE_NAME}"
+data_dir = "branch"
+
+[listen]
+web = "tcp:9293:interface=127.0.0.1"
+providers = "tcp:9291:interface=127.0.0.1"
+
+[primary]
+endpoint = "tcp:127.0.0.1:9192"
+ca = "tls/ca.crt"
+hostname = "localhost"
+token_file = "branch/token"
 """
 
 DEMO_USERS = (
@@ -44,10 +64,10 @@ DEMO_USERS = (
 )
 
 
-def _thdSeed(conn: Any, now: float) -> bool:
-    """Create the demo data unless it exists; return whether it was created."""
+def _thdSeed(conn: Any, now: float) -> dict[str, str] | None:
+    """Create the demo data unless it exists; return the secrets made, or None."""
     if users.thdListUsers(conn, limit=1):
-        return False
+        return None
     for username, full_name, balance, card, pin, password in DEMO_USERS:
         users.thdAddUser(
             conn,
@@ -63,57 +83,83 @@ def _thdSeed(conn: Any, now: float) -> bool:
         users.thdAddCard(conn, username, card, now)
         if pin is not None:
             users.thdSetPin(conn, username, make_verifier(pin, n=2**12), now)
+    token = sites.thdAddSite(conn, SITE_NAME, now)
     printers.thdAddPrinter(conn, "library-mono", PRIMARY_NAME, 10, 10, now, hold=True)
     printers.thdAddPrinter(
-        conn, "library-colour", PRIMARY_NAME, 10, 50, now, duplex_discount=10, hold=True
+        conn, "branch-colour", SITE_NAME, 10, 50, now, duplex_discount=10, hold=True
     )
-    devices.thdAddDevice(
-        conn,
-        "library-mfd",
-        PRIMARY_NAME,
-        "http",
-        now,
-        printer="library-colour",
-    )
+    key = devices.thdAddDevice(conn, "branch-mfd", SITE_NAME, "http", now, printer="branch-colour")
+    policies.thdSetPolicy(conn, "offline.allowance", "5.00", now, site=SITE_NAME)
     thdAudit(conn, "demo", "demo.seed", PRIMARY_NAME, now)
-    return True
+    return {"token": token, "key": key}
 
 
-def cheat_sheet(config_path: str) -> str:
+def _write(path: str, text: str, mode: int = 0o644) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def cheat_sheet(key: str) -> str:
     """The "try this" sheet printed at start."""
-    admin = f"sitesrv-admin --config {config_path}"
+    primary = f"sitesrv-admin --config {os.path.join(DEMO_DIR, 'primary.toml')}"
+    site = f"sitesrv-admin --config {os.path.join(DEMO_DIR, 'branch.toml')}"
+    api = "http://127.0.0.1:9293/api/v1"
+    auth = f"-H 'Authorization: Bearer {key}'"
     return textwrap.dedent(
         f"""
-        ==================================================================
-         sitesrv demo: a primary called {PRIMARY_NAME!r}, data in {DEMO_DIR}/
-        ==================================================================
-         Health:        curl http://127.0.0.1:{WEB_PORT}/health
-         Users:         {admin} user list
-         One user:      {admin} user show alice
-         Top up:        {admin} balance adjust bob 5.00 --comment "demo top-up"
-         Printers:      {admin} printer list
-         Policies:      {admin} policy show
-         Audit log:     {admin} audit list
-         Demo users:    alice (card 1001, PIN 1234, balance 10.00)
-                        bob (card 1002, balance 2.00), carol (card 0A1B2C3D)
+        ======================================================================
+         sitesrv demo: primary {PRIMARY_NAME!r} and site {SITE_NAME!r}, data in {DEMO_DIR}/
+        ======================================================================
+         Health:      curl http://127.0.0.1:9193/health      (primary)
+                      curl http://127.0.0.1:9293/health      (site: watch "mode")
+         Users:       {primary} user list
+         Sites:       {primary} site list
+         Top up:      {primary} balance adjust bob 5.00 --comment "demo top-up"
+         ...at site:  {site} user show bob      (replicated within a second)
+         MFD login:   curl -s {auth} \\
+                        -d '{{"card": "1001", "pin": "1234"}}' {api}/sessions
+         Copy charge: curl -s {auth} \\
+                        -d '{{"kind": "copy", "pages": 3}}' {api}/sessions/SESSION/usage
+         Ledger:      {primary} transactions list --user alice
+         Outbox:      {site} outbox show
+         Demo users:  alice (card 1001, PIN 1234, balance 10.00, password alice-pass)
+                      bob (card 1002, balance 2.00), carol (card 0A1B2C3D)
          Stop with Ctrl-C; delete {DEMO_DIR}/ to start afresh.
-        ==================================================================
+        ======================================================================
         """
     )
 
 
 def make_demo(reactor: Any) -> IService:
-    """Prepare ``./var/demo`` and return the demo's service tree."""
-    os.makedirs(DEMO_DIR, exist_ok=True)
-    config_path = os.path.join(DEMO_DIR, "primary.toml")
-    if not os.path.exists(config_path):
-        with open(config_path, "w", encoding="utf-8") as f:
-            f.write(PRIMARY_CONFIG)
-    config = load(config_path)
-    server = make_server(config, reactor)
-    store: Store = server.store
-    store.write(_thdSeed, reactor.seconds())
+    """Prepare ``./var/demo`` and return the demo's service tree (primary and site)."""
+    branch_dir = os.path.join(DEMO_DIR, "branch")
+    os.makedirs(branch_dir, exist_ok=True)
+    tls_dir = os.path.join(DEMO_DIR, "tls")
+    if not os.path.exists(os.path.join(tls_dir, "server.key")):
+        init_tls(tls_dir, ["localhost"], ["127.0.0.1"], force=True)
+    # Endpoint strings are not paths the config resolves: give them absolute ones.
+    primary_config = PRIMARY_CONFIG.format(
+        key=quoteStringArgument(os.path.abspath(os.path.join(tls_dir, "server.key"))),
+        cert=quoteStringArgument(os.path.abspath(os.path.join(tls_dir, "server.crt"))),
+    )
+    for name, text in (("primary.toml", primary_config), ("branch.toml", SITE_CONFIG)):
+        path = os.path.join(DEMO_DIR, name)
+        if not os.path.exists(path):
+            _write(path, text)
+    primary = make_server(load(os.path.join(DEMO_DIR, "primary.toml")), reactor)
+    made = primary.store.write(_thdSeed, reactor.seconds())
+    key_file = os.path.join(branch_dir, "mfd.key")
+    if made is not None:
+        _write(os.path.join(branch_dir, "token"), made["token"] + "\n", 0o600)
+        _write(key_file, made["key"] + "\n", 0o600)
+    site = make_server(load(os.path.join(DEMO_DIR, "branch.toml")), reactor)
+    demo = MultiService()
+    primary.setServiceParent(demo)
+    site.setServiceParent(demo)
+    with open(key_file, encoding="utf-8") as f:
+        key = f.read().strip()
     # The sheet is for the person who typed the command, not a log event.
-    sys.stdout.write(cheat_sheet(config_path))
+    sys.stdout.write(cheat_sheet(key))
     sys.stdout.flush()
-    return server
+    return demo
