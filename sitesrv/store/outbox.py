@@ -24,6 +24,7 @@ Record format 1 (JSON in ``outbox.payload``)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -157,9 +158,52 @@ _JOB_REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 
 
+_INT = 2**31 - 1
+_BIGINT = 2**63 - 1
+#: The most each field may hold at the primary (its column's length or range): a record
+#: beyond them can never be stored there, on any backend.
+_LIMITS = {
+    "uuid": 36,
+    "seq": _BIGINT,
+    "username": 200,
+    "account_id": _INT,
+    "account_name": 200,
+    "amount": _BIGINT,
+}
+_JOB_LIMITS = {"uuid": 36, "printer_name": 200, "pages": _INT, "copies": _INT}
+
+
 def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
     # JSON booleans are Python ints: an int field must not accept true/false.
     return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _fits(value: Any, limit: int) -> bool:
+    # PostgreSQL text cannot hold NUL; lengths and ranges are the columns'.
+    if isinstance(value, str):
+        return len(value) <= limit and "\x00" not in value
+    return not _is(value, int) or -limit - 1 <= value <= limit
+
+
+def _checkFields(
+    where: str, values: dict[str, Any], limits: dict[str, int], optional_id: str
+) -> None:
+    for key, limit in limits.items():
+        if not _fits(values[key], limit):
+            raise DeadLetter(f"{where} {key!r} too long, out of range or containing NUL")
+    value = values.get(optional_id)
+    if value is not None and not (_is(value, int) and _fits(value, _INT)):
+        raise DeadLetter(f"{where} {optional_id!r} must be null or an id")
+
+
+def _seq(value: Any) -> int | None:
+    """A record's sequence number, if it is one a column can hold."""
+    return value if _is(value, int) and _fits(value, _BIGINT) else None
+
+
+def _text(value: Any, size: int | None = None) -> str:
+    # Free text (a document title, a comment) loses NULs rather than the whole charge.
+    return str(value).replace("\x00", "")[:size]
 
 
 def _check(record: Any) -> None:
@@ -170,6 +214,7 @@ def _check(record: Any) -> None:
     for key, kind in _REQUIRED.items():
         if not _is(record.get(key), kind):
             raise DeadLetter(f"field {key!r} missing or of the wrong type")
+    _checkFields("field", record, _LIMITS, "user_id")
     if record["kind"] != "charge":
         raise DeadLetter(f"unknown record kind {record['kind']!r}")
     if record["reason"] not in ledger.REASONS:
@@ -181,13 +226,14 @@ def _check(record: Any) -> None:
         for key, kind in _JOB_REQUIRED.items():
             if not _is(job.get(key), kind):
                 raise DeadLetter(f"job field {key!r} missing or wrong type")
+        _checkFields("job field", job, _JOB_LIMITS, "printer_id")
         if job["kind"] not in jobs.KINDS:
             raise DeadLetter(f"unknown job kind {job['kind']!r}")
 
 
 def _thdApplyOne(conn: Connection, site: str, record: dict[str, Any], now: float) -> None:
     account = ledger.thdAccountById(conn, record["account_id"])
-    comment = record.get("comment", "") or ""
+    comment = _text(record.get("comment", "") or "")
     if account is None or account.name != record["account_name"]:
         # The user or account is gone (or its id now means something else): never lose
         # the charge; book it to Suspense for an administrator to resolve.
@@ -209,13 +255,13 @@ def _thdApplyOne(conn: Connection, site: str, record: dict[str, Any], now: float
             printer_id=job.get("printer_id"),
             printer_name=job["printer_name"],
             site=site,
-            document=str(job.get("document", ""))[:500],
+            document=_text(job.get("document", ""), 500),
             pages=job["pages"],
             copies=job["copies"],
             colour=job["colour"],
             duplex=job["duplex"],
             cost=-record["amount"],
-            status=str(job.get("status", "printed"))[:20],
+            status=_text(job.get("status", "printed"), 20),
             created_at=float(record.get("site_time", now)),
         )
     if record["amount"] == 0:
@@ -252,14 +298,14 @@ def thdApplyOutbox(conn: Connection, site: str, records: Sequence[Any], now: flo
     row = conn.execute(select(sites.c.id, sites.c.applied_seq).where(sites.c.name == site)).one()
     applied = row.applied_seq
     for record in records:
-        seq = record.get("seq") if isinstance(record, dict) else None
+        seq = _seq(record.get("seq")) if isinstance(record, dict) else None
         try:
             _check(record)
             with conn.begin_nested():
                 _thdApplyOne(conn, site, record, now)
         except (DeadLetter, SitesrvError, ValueError, KeyError, TypeError) as e:
             thdDeadLetter(conn, site, record, str(e), now)
-        if isinstance(seq, int) and not isinstance(seq, bool):
+        if seq is not None:
             applied = max(applied, seq)
     if applied != row.applied_seq:
         thdUpdate(conn, sites, row.id, {"applied_seq": applied}, now)
@@ -268,8 +314,13 @@ def thdApplyOutbox(conn: Connection, site: str, records: Sequence[Any], now: flo
 
 def thdDeadLetter(conn: Connection, site: str, record: Any, error: str, now: float) -> None:
     """Keep a record that cannot be applied, once per (site, uuid)."""
-    uuid = str(record.get("uuid") if isinstance(record, dict) else "")[:100] or "(none)"
-    seq = record.get("seq") if isinstance(record, dict) else None
+    payload = json.dumps(record, sort_keys=True, default=str)
+    uuid = record.get("uuid") if isinstance(record, dict) else None
+    if not (isinstance(uuid, str) and uuid and _fits(uuid, 100)):
+        # No usable UUID: key the letter by its content, so that two different records
+        # are both kept and a resent one is still kept once.
+        uuid = "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    seq = _seq(record.get("seq")) if isinstance(record, dict) else None
     exists = conn.execute(
         select(dead_letters.c.id).where(dead_letters.c.site == site, dead_letters.c.uuid == uuid)
     ).first()
@@ -278,10 +329,10 @@ def thdDeadLetter(conn: Connection, site: str, record: Any, error: str, now: flo
     conn.execute(
         insert(dead_letters).values(
             site=site,
-            seq=seq if isinstance(seq, int) else 0,
+            seq=seq or 0,
             uuid=uuid,
-            payload=json.dumps(record, sort_keys=True, default=str)[:MAX_RECORD],
-            error=error[:1000],
+            payload=payload[:MAX_RECORD],
+            error=_text(error, 1000),
             created_at=now,
         )
     )
