@@ -93,7 +93,14 @@ def thdCharge(
     now: float,
     txn_uuid: str,
 ) -> ChargeResult:
-    """Charge ``amount`` (negative) for ``user`` by the rules in force; one transaction."""
+    """Charge ``amount`` (negative) for ``user`` by the rules in force; one transaction.
+
+    A charge resent with a ``txn_uuid`` already recorded is answered as it was recorded
+    (``recorded`` False), without checking the balance it already took.
+    """
+    previous = _thdPrevious(conn, role, txn_uuid)
+    if previous is not None:
+        return previous
     decimals = thdDecimals(conn)
     policies = {k: v for k, (v, _src) in thdEffectivePolicies(conn, site).items()}
     if user.id:
@@ -162,6 +169,33 @@ def thdCharge(
         now,
     )
     return ChargeResult(txn_uuid, account.id, account.name, amount, view + amount, offline)
+
+
+def _thdPrevious(conn: Connection, role: str, txn_uuid: str) -> ChargeResult | None:
+    """The charge already recorded under ``txn_uuid`` (a resend), or None."""
+    if role == "primary":
+        txn = ledger.thdTransactionByUUID(conn, txn_uuid)
+        if txn is None:
+            return None
+        account = ledger.thdAccountById(conn, txn.account_id)
+        current = txn.balance_after if account is None else account.balance
+        return ChargeResult(
+            txn.uuid, txn.account_id, txn.account_name, txn.amount, current, False, False
+        )
+    record = outbox.thdRecordByUUID(conn, txn_uuid)
+    if record is None:
+        return None
+    payload = record.payload
+    account_id = payload["account_id"]
+    return ChargeResult(
+        txn_uuid,
+        account_id,
+        payload["account_name"],
+        payload["amount"],
+        thdViewBalance(conn, role, account_id),
+        payload["offline"],
+        False,
+    )
 
 
 def _thdLogJob(

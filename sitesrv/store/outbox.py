@@ -121,6 +121,14 @@ def thdPending(conn: Connection, after: int, limit: int) -> list[Pending]:
     return [Pending(r.seq, r.uuid, json.loads(r.payload)) for r in rows]
 
 
+def thdRecordByUUID(conn: Connection, uuid: str) -> Pending | None:
+    """The record with this UUID still in the outbox, or None."""
+    row = conn.execute(
+        select(outbox.c.seq, outbox.c.uuid, outbox.c.payload).where(outbox.c.uuid == uuid)
+    ).first()
+    return None if row is None else Pending(row.seq, row.uuid, json.loads(row.payload))
+
+
 def thdPendingCount(conn: Connection) -> int:
     """How many records the primary has not applied yet."""
     applied = thdOwnAppliedSeq(conn)
