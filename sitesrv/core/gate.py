@@ -145,6 +145,9 @@ def thdCharge(
             site=site,
             job_uuid=None if job is None else job.uuid,
             txn_uuid=txn_uuid,
+            # Checked again under the account's row lock: a concurrent charge for the
+            # same user (PostgreSQL runs several writers) may have committed since.
+            enforce_limit=True,
             decimals=decimals,
         )
         return ChargeResult(
