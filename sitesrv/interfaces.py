@@ -80,3 +80,26 @@ class IReplicationObserver(Interface):
 
     def revoked(reason):
         """The primary revoked this site: stop serving."""
+
+
+class IFindMe(Interface):
+    """The Find-Me (hold/release) queue of one server: held jobs per user.
+
+    Implemented by ``sitesrv.core.findme``; called by device connectors, the device API
+    and the web release station (never by the store). Every call goes through the gate,
+    so offline policies apply at a site. Jobs are identified by the UUID their print
+    provider assigned.
+    """
+
+    def held(identity):
+        """A Deferred list of the user's held jobs at this server (oldest first)."""
+
+    def release(identity, printer, job_uuids=None):
+        """Release the user's held jobs (all, or those named) to ``printer``.
+
+        The balance is checked again for each job, at the price of ``printer``; a job
+        the user cannot afford stays held. Fires with a list of per-job outcomes.
+        """
+
+    def cancel(identity, job_uuids=None):
+        """Cancel the user's held jobs (all, or those named); fires with how many."""
