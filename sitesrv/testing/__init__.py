@@ -1,0 +1,1 @@
+"""Tools for testing and benchmarking sitesrv (not used by the servers themselves)."""
