@@ -159,6 +159,9 @@ class DeviceAPI(Resource):
         method = request.method.decode("ascii", "replace")
         if path == ["openapi.json"] and method == "GET":
             return 200, openapi()
+        # An unsynced site may hold no device rows yet, and a revoked one must not serve:
+        # say so, rather than "unknown device API key" or "no such session".
+        self.gate.check()
         device = await self._device(request)
         if path == ["sessions"] and method == "POST":
             return await self._start(device, _body(request))
