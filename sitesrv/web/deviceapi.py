@@ -264,9 +264,10 @@ class DeviceAPI(Resource):
         pages, copies = body["pages"], body.get("copies", 1)
         if not 0 <= pages <= MAX_PAGES or not 1 <= copies <= MAX_PAGES:
             raise HTTPError(400, f"pages must be 0-{MAX_PAGES} and copies 1-{MAX_PAGES}")
-        txn_uuid = body.get("uuid") or str(uuidlib.uuid4())
+        # Canonical form: "{...}", "urn:uuid:..." or upper case must resend the same
+        # charge, and the primary stores (and accepts) only the 36-character form.
         try:
-            uuidlib.UUID(txn_uuid)
+            txn_uuid = str(uuidlib.UUID(body["uuid"]) if body.get("uuid") else uuidlib.uuid4())
         except ValueError:
             raise HTTPError(400, "uuid must be a UUID") from None
         if device.printer is None:
@@ -437,5 +438,3 @@ def openapi() -> dict[str, Any]:
             },
         },
     }
-
-
