@@ -317,6 +317,7 @@ def openapi() -> dict[str, Any]:
         "404": answer("no such session", error),
         "503": answer("site not serving (unsynced or revoked)", error),
     }
+    too_large = {"413": answer(f"request body larger than {MAX_BODY} bytes", error)}
     session = {"$ref": "#/components/schemas/Session"}
     session_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
     return {
@@ -400,7 +401,11 @@ def openapi() -> dict[str, Any]:
                             "application/json": {"schema": {"$ref": "#/components/schemas/Login"}}
                         },
                     },
-                    "responses": {"201": answer("session started", session), **errors},
+                    "responses": {
+                        "201": answer("session started", session),
+                        **too_large,
+                        **errors,
+                    },
                 }
             },
             "/sessions/{id}": {
@@ -432,6 +437,7 @@ def openapi() -> dict[str, Any]:
                         "402": answer("insufficient balance or offline allowance", error),
                         "403": answer("refused by an offline policy", error),
                         "409": answer("the device has no printer to price usage", error),
+                        **too_large,
                         **errors,
                     },
                 },
