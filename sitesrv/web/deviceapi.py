@@ -127,15 +127,17 @@ class DeviceAPI(Resource):
     # -- plumbing -------------------------------------------------------------------
 
     def render(self, request: Request) -> int:
-        """Route the request and answer it asynchronously."""
+        """Route the request and answer it asynchronously, unless the device has gone."""
+        # Finishing a request whose connection was lost raises; such a device gets no
+        # answer (what it asked for is done, and a retry with its uuid charges once).
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
         d = Deferred.fromCoroutine(self._route(request))
-        d.addCallbacks(
-            lambda result: _send(request, *result),
-            lambda failure: self._failed(request, failure),
-        )
+        d.addErrback(self._failed)
+        d.addCallback(lambda answer: None if gone else _send(request, *answer))
         return NOT_DONE_YET
 
-    def _failed(self, request: Request, failure: Failure) -> None:
+    def _failed(self, failure: Failure) -> tuple[int, Any]:
         error = failure.value
         if isinstance(error, HTTPError):
             code, message = error.code, error.message
@@ -152,7 +154,7 @@ class DeviceAPI(Resource):
             # Never a stack trace in an answer; the log has it.
             log.failure("device API request failed", failure)
             code, message = 500, "internal error"
-        _send(request, code, {"error": message})
+        return code, {"error": message}
 
     async def _route(self, request: Request) -> tuple[int, Any]:
         path = [p.decode("utf-8", "replace") for p in request.postpath or [] if p]
