@@ -1,0 +1,1 @@
+"""Print providers: the AMP protocol on port 9191 (commands and the server side)."""
