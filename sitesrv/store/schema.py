@@ -415,6 +415,52 @@ outbox = Table(
     Column("created_at", Time, nullable=False),
 )
 
+# --- owned by each server: its print providers' jobs (the Find-Me queue) ---------------
+
+# Every job a print provider asked about, with its state (held, releasing, printed,
+# failed, expired, cancelled, denied). Owned by the server the provider talks to (a site,
+# or the primary for its own providers); never replicated. The spool file stays at the
+# provider. Users and printers are referred to by id and name, without foreign keys
+# (replicated rows may be replaced by a snapshot).
+provider_jobs = Table(
+    "provider_jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # Assigned by the provider; the key every message uses.
+    Column("uuid", String(36), nullable=False, unique=True),
+    Column("provider", String(200), nullable=False),
+    # The queue (printer) the job was submitted to.
+    Column("queue", String(200), nullable=False),
+    Column("queue_id", Integer, nullable=True),
+    Column("username", String(200), nullable=False),
+    Column("user_id", Integer, nullable=True, index=True),
+    Column("document", String(500), nullable=False, default=""),
+    Column("pages", Integer, nullable=False),
+    Column("copies", Integer, nullable=False, default=1),
+    Column("colour", Boolean, nullable=False, default=False),
+    Column("duplex", Boolean, nullable=False, default=False),
+    Column("size", BigInteger, nullable=False, default=0),
+    # Estimated cost at the queue's prices, then at the release target's.
+    Column("cost", BigInteger, nullable=False),
+    Column("state", String(20), nullable=False, index=True),
+    # Why the job is in its state (the decision's or the report's reason).
+    Column("reason", String(500), nullable=False, default=""),
+    # Set when the job is released (or printed at once): reports quote it.
+    Column("release_id", String(36), nullable=True),
+    Column("target", String(200), nullable=True),
+    Column("target_id", Integer, nullable=True),
+    # What was charged when printed (minor units).
+    Column("charged", BigInteger, nullable=True),
+    # False while the provider still has to be told to delete the job (expired or
+    # cancelled here); True once it answered DeleteJobs, or when there is nothing to say.
+    Column("provider_told", Boolean, nullable=False, default=True),
+    Column("created_at", Time, nullable=False),
+    # Absolute time (not a duration), so a clock step neither stalls nor mass-fires it.
+    Column("expires_at", Time, nullable=False, index=True),
+    Column("updated_at", Time, nullable=False),
+    sqlite_autoincrement=True,
+)
+
 # --- primary-only: records from sites that can never be applied ------------------------
 
 dead_letters = Table(
