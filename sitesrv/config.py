@@ -84,6 +84,18 @@ class ReplicationConfig:
 
 
 @attrs.frozen
+class WebConfig:
+    """The web port's monitoring and API settings (the ``[web]`` table)."""
+
+    #: Seconds an enrolled site may be disconnected before ``/health/sites`` answers 500.
+    site_grace: float = 60.0
+    #: The PaperCut-compatible XML-RPC API's token; None leaves the API switched off.
+    xmlrpc_token: str | None = None
+    #: A file holding that token instead (read when the server starts).
+    xmlrpc_token_file: str | None = None
+
+
+@attrs.frozen
 class Config:
     """A validated configuration: absolute paths, defaults filled in."""
 
@@ -99,6 +111,7 @@ class Config:
     currency: str = "USD"
     decimals: int = 2
     log_level: str = "info"
+    web: WebConfig = attrs.field(factory=WebConfig)
 
     @property
     def replication_endpoint(self) -> str:
@@ -318,6 +331,16 @@ def _not_empty(value: str) -> str:
     return value
 
 
+#: Shortest XML-RPC token accepted: the token alone guards balance changes.
+MIN_API_TOKEN = 16
+
+
+def _api_token(value: str) -> str:
+    if len(value.strip()) < MIN_API_TOKEN:
+        raise ValueError(f"must be at least {MIN_API_TOKEN} characters (it guards balances)")
+    return value.strip()
+
+
 def _endpoint_check(parse: Callable[[str], str]) -> _Check:
     def check(value: str) -> str:
         _not_empty(value)
@@ -399,6 +422,13 @@ _SCHEMA = _Table(
                 "max_backoff": _Key(float, checks=(_positive,)),
                 "changelog_max_age_days": _Key(int, checks=(_in_range(1),)),
                 "outbox_retention_days": _Key(int, checks=(_in_range(0),)),
+            }
+        ),
+        "web": _Table(
+            {
+                "site_grace": _Key(float, checks=(_positive,), roles=("primary",)),
+                "xmlrpc_token": _Key(str, checks=(_api_token,), roles=("primary",)),
+                "xmlrpc_token_file": _Key(str, checks=(_not_empty,), roles=("primary",)),
             }
         ),
     }
@@ -547,6 +577,12 @@ def _build(values: dict[str, Any], path: str) -> Config:
     # The schema made [primary] required for a site and refused it for a primary.
     primary = _build_primary(values["primary"], resolve) if "primary" in values else None
 
+    web_values = values.get("web", {})
+    if "xmlrpc_token" in web_values and "xmlrpc_token_file" in web_values:
+        raise _Problem("web.xmlrpc_token_file", "give either xmlrpc_token or xmlrpc_token_file")
+    if "xmlrpc_token_file" in web_values:
+        web_values = {**web_values, "xmlrpc_token_file": resolve(web_values["xmlrpc_token_file"])}
+
     return Config(
         path=path,
         role=role,
@@ -557,6 +593,7 @@ def _build(values: dict[str, Any], path: str) -> Config:
         primary=primary,
         tls=tls,
         replication=ReplicationConfig(**values.get("replication", {})),
+        web=WebConfig(**web_values),
         **{k: values[k] for k in ("currency", "decimals", "log_level") if k in values},
     )
 
