@@ -193,7 +193,7 @@ class PrimaryLinkProtocol(LivenessAMP):
             skew=skew,
         )
         self.observer.connected(skew=skew)
-        self.replication.current = self
+        self.replication.current = self.replication.last = self
         if hello["resnapshot"]:
             log.info("loading a snapshot from the primary: {reason}", reason=hello["resnapshot"])
             self.observer.syncing(hello["resnapshot"])
@@ -386,6 +386,8 @@ class SiteReplication(MultiService):
         self.skew: float | None = None
         #: The connection that has said hello, while there is one.
         self.current: PrimaryLinkProtocol | None = None
+        #: The latest connection that said hello, kept after it closes (for the lag).
+        self.last: PrimaryLinkProtocol | None = None
         self.client = ClientService(
             endpoint,
             Factory.forProtocol(lambda: PrimaryLinkProtocol(self)),
@@ -406,6 +408,16 @@ class SiteReplication(MultiService):
         if link is not None:
             d = Deferred.fromCoroutine(link.drain())
             d.addErrback(link._runFailed)
+
+    def lag(self) -> int | None:
+        """Changes the replica is behind the primary's head, as last heard; None before any
+        hello (while offline, the head may have moved on since)."""
+        link = self.last
+        return None if link is None else max(0, link.primaryHead - link.position)
+
+    def position(self) -> int | None:
+        """The replica's position as the link last saw it; None before any hello."""
+        return None if self.last is None else self.last.position
 
     def whenConnected(self) -> Deferred[Any]:
         """The current connection, once there is one."""
