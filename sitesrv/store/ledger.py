@@ -11,7 +11,7 @@ import uuid as uuidlib
 from typing import Any
 
 import attrs
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from sitesrv.errors import AlreadyExists, InsufficientFunds, Invalid, NotFound
 from sitesrv.money import format_amount
@@ -141,9 +141,15 @@ def thdListAccounts(conn: Connection, shared_only: bool = False) -> list[Account
     return [_account(r) for r in conn.execute(q)]
 
 
+# Every charge runs these; built once, SQLAlchemy finds them compiled (bench/store.py).
+_BY_UUID = select(transactions).where(transactions.c.uuid == bindparam("txn_uuid"))
+_LOCK_ACCOUNT = select(accounts).where(accounts.c.id == bindparam("account_id")).with_for_update()
+_INSERT_TRANSACTION = transactions.insert().returning(transactions.c.id)
+
+
 def thdTransactionByUUID(conn: Connection, txn_uuid: str) -> Transaction | None:
     """The transaction with this UUID, or None."""
-    row = conn.execute(select(transactions).where(transactions.c.uuid == txn_uuid)).first()
+    row = conn.execute(_BY_UUID, {"txn_uuid": txn_uuid}).first()
     return None if row is None else _transaction(row)
 
 
@@ -172,9 +178,7 @@ def thdPost(
     # Lock the account row first (PostgreSQL runs several writers): a concurrent post
     # to it waits here until we commit, then sees our balance and our UUID, so neither
     # a charge nor a resend's de-duplication is lost. SQLite's writer lock does this.
-    row = conn.execute(
-        select(accounts).where(accounts.c.id == account_id).with_for_update()
-    ).first()
+    row = conn.execute(_LOCK_ACCOUNT, {"account_id": account_id}).first()
     if txn_uuid is None:
         txn_uuid = str(uuidlib.uuid4())
     else:
@@ -204,9 +208,7 @@ def thdPost(
         "site": site,
         "created_at": now,
     }
-    txn_id = conn.execute(
-        transactions.insert().values(**values).returning(transactions.c.id)
-    ).scalar_one()
+    txn_id = conn.execute(_INSERT_TRANSACTION, values).scalar_one()
     return Transaction(id=txn_id, **values)  # type: ignore[arg-type]
 
 
