@@ -96,6 +96,16 @@ class WebConfig:
 
 
 @attrs.frozen
+class ProvidersConfig:
+    """Print providers and the Find-Me queue (the ``[providers]`` table)."""
+
+    #: Hours a held (Find-Me) job waits for release before it expires.
+    hold_hours: float = 8.0
+    #: Seconds between heartbeats on provider links (a provider silent for 3 is dropped).
+    heartbeat: float = 5.0
+
+
+@attrs.frozen
 class Config:
     """A validated configuration: absolute paths, defaults filled in."""
 
@@ -112,6 +122,7 @@ class Config:
     decimals: int = 2
     log_level: str = "info"
     web: WebConfig = attrs.field(factory=WebConfig)
+    providers: ProvidersConfig = attrs.field(factory=ProvidersConfig)
 
     @property
     def replication_endpoint(self) -> str:
@@ -319,6 +330,12 @@ def _in_range(low: int, high: int | None = None) -> _Check:
     return check
 
 
+def _positive_hours(value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a number of hours greater than 0, got {value}")
+    return value
+
+
 def _positive(value: float) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"must be a number of seconds greater than 0, got {value}")
@@ -422,6 +439,12 @@ _SCHEMA = _Table(
                 "max_backoff": _Key(float, checks=(_positive,)),
                 "changelog_max_age_days": _Key(int, checks=(_in_range(1),)),
                 "outbox_retention_days": _Key(int, checks=(_in_range(0),)),
+            }
+        ),
+        "providers": _Table(
+            {
+                "hold_hours": _Key(float, checks=(_positive_hours,)),
+                "heartbeat": _Key(float, checks=(_positive,)),
             }
         ),
         "web": _Table(
@@ -594,6 +617,7 @@ def _build(values: dict[str, Any], path: str) -> Config:
         tls=tls,
         replication=ReplicationConfig(**values.get("replication", {})),
         web=WebConfig(**web_values),
+        providers=ProvidersConfig(**values.get("providers", {})),
         **{k: values[k] for k in ("currency", "decimals", "log_level") if k in values},
     )
 

@@ -248,7 +248,7 @@ class ErrorTests(ConfigTestCase):
         self.assertEqual(
             str(e),
             f"{path}: colour: unknown key (known keys: currency, data_dir, database,"
-            " decimals, listen, log_level, name, primary, replication, role, tls, web)",
+            " decimals, listen, log_level, name, primary, providers, replication, role, tls, web)",
         )
         self.assertError(
             PRIMARY + 'log-level = "debug"\n', "log-level", "(did you mean log_level? known"
