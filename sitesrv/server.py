@@ -25,7 +25,7 @@ from zope.interface import implementer
 import sitesrv
 from sitesrv.cardnumber import CardNormaliser
 from sitesrv.config import Config
-from sitesrv.core.auth import Authenticator, FailureThrottle
+from sitesrv.core.auth import Authenticator, AuthFailed, FailureThrottle
 from sitesrv.core.gate import Gate
 from sitesrv.failover import Failover, FailoverObserver
 from sitesrv.interfaces import IStatusSource
@@ -98,6 +98,7 @@ class Server(MultiService):
             reactor=self.reactor,
         )
         replication.setServiceParent(self)
+        replication.check_password = self._checkPasswordForSite
         self.replication = replication
         listener = strports.service(
             config.replication_endpoint, replication.factory(), reactor=self.reactor
@@ -124,6 +125,17 @@ class Server(MultiService):
         )
         replication.setServiceParent(self)
         self.replication = replication
+        self.authenticator.remote_password = replication.checkPassword
+
+    def _checkPasswordForSite(self, username: str, password: str, device: str) -> Deferred[bool]:
+        async def check() -> bool:
+            try:
+                await self.authenticator.password(username, password, device)
+            except AuthFailed:
+                return False
+            return True
+
+        return Deferred.fromCoroutine(check())
 
     def _outboxChanged(self) -> None:
         if isinstance(self.replication, SiteReplication):

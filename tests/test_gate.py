@@ -391,16 +391,18 @@ class PasswordPolicyTests(GateTestCase):
     """``offline.password_login``."""
 
     def test_refuse(self) -> None:
-        """refuse: refused offline (and while reconciling), allowed online."""
+        """refuse: refused offline; allowed when connected (reconciling is connected:
+        only credit follows the offline policies there)."""
         self.policy("offline.password_login", "refuse")
-        for mode in ("offline", "reconciling"):
+        gate = self.site_gate("offline")
+        self.assertEqual(
+            self.fails(gate.password("alice", "alice's secret"), AuthFailed), OFFLINE_PASSWORD
+        )
+        for mode in ("reconciling", "online"):
             gate = self.site_gate(mode)
             self.assertEqual(
-                self.fails(gate.password("alice", "alice's secret"), AuthFailed),
-                OFFLINE_PASSWORD,
+                self.ok(gate.password("alice", "alice's secret")).user.username, "alice"
             )
-        gate = self.site_gate("online")
-        self.assertEqual(self.ok(gate.password("alice", "alice's secret")).user.username, "alice")
 
     def test_allow(self) -> None:
         """allow: works online and offline; a wrong password is still wrong."""
@@ -415,26 +417,37 @@ class PasswordPolicyTests(GateTestCase):
 
     def test_refuse_online_with_the_replica_the_primary_sends(self) -> None:
         """With ``refuse`` the primary leaves password verifiers out of the site's
-        replica, so password login must still work online at that site."""
+        replica; online, the site asks the primary (``CheckPassword``) instead."""
         self.policy("offline.password_login", "refuse")
         gate = self.site_gate("online", passwords=None)
-        self.assertEqual(self.ok(gate.password("alice", "alice's secret")).user.username, "alice")
+        primary = self.primary_gate().authenticator
 
-    test_refuse_online_with_the_replica_the_primary_sends.todo = (  # type: ignore[attr-defined]
-        "a site without verifiers cannot check a password and has no way to ask the "
-        "primary: online password login there fails as 'wrong username or password'"
-    )
+        def remote(username: str, password: str) -> Deferred[bool]:
+            async def check() -> bool:
+                try:
+                    await primary.password(username, password, "site:north")
+                except AuthFailed:
+                    return False
+                return True
+
+            return Deferred.fromCoroutine(check())
+
+        gate.authenticator.remote_password = remote
+        self.assertEqual(self.ok(gate.password("alice", "alice's secret")).user.username, "alice")
+        self.assertEqual(
+            self.fails(gate.password("alice", "guess"), AuthFailed), "wrong username or password"
+        )
 
 
 class ReleasePolicyTests(GateTestCase):
     """``offline.release``."""
 
     def test_refuse(self) -> None:
+        """refuse: refused offline; fine whenever connected (reconciling too)."""
         self.policy("offline.release", "refuse")
-        for mode in ("offline", "reconciling"):
-            gate = self.site_gate(mode)
-            self.assertEqual(self.fails(gate.may_release(), Refused), OFFLINE_RELEASE)
-        for mode in ("online", "syncing"):
+        gate = self.site_gate("offline")
+        self.assertEqual(self.fails(gate.may_release(), Refused), OFFLINE_RELEASE)
+        for mode in ("reconciling", "online", "syncing"):
             self.ok(self.site_gate(mode).may_release())
 
     def test_allow(self) -> None:

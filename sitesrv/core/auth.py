@@ -118,6 +118,9 @@ class Authenticator:
     throttle: FailureThrottle
     verify: Callable[..., Deferred[Any]]
     normaliser: CardNormaliser = attrs.field(factory=CardNormaliser)
+    #: At a site: asks the primary to check a password the replica has no verifier for;
+    #: fires True/False (False also when the primary cannot be reached).
+    remote_password: Callable[[str, str], Deferred[bool]] | None = None
 
     def _throttled(self, *keys: str) -> None:
         waits = [self.throttle.wait(k) for k in keys]
@@ -175,14 +178,21 @@ class Authenticator:
         # The same message for an unknown user and a wrong password: no user enumeration.
         if creds is None:
             raise self._refuse("wrong username or password", method, device_key, user_key)
-        await self._verify(
-            creds.password_verifier,
-            password,
-            "wrong username or password",
-            method,
-            device_key,
-            user_key,
-        )
+        if creds.password_verifier is None and self.remote_password is not None:
+            # This replica holds no verifiers (the site's policy refuses password login
+            # offline); while connected, the primary checks the password for us.
+            _check(password, "password")
+            if not await self.remote_password(username, password):
+                raise self._refuse("wrong username or password", method, device_key, user_key)
+        else:
+            await self._verify(
+                creds.password_verifier,
+                password,
+                "wrong username or password",
+                method,
+                device_key,
+                user_key,
+            )
         if creds.user.disabled:
             raise self._refuse("user disabled", method, device_key)
         return self._accept(creds.user, method, device_key, user_key)

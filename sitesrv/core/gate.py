@@ -253,8 +253,16 @@ class Gate:
                 raise Refused(refusal)
 
     def offline(self) -> bool:
-        """Whether offline policies govern credit now."""
+        """Whether offline policies govern credit now (offline and reconciling)."""
         return self.failover is not None and self.failover.offline_credit()
+
+    def disconnected(self) -> bool:
+        """Whether the primary is unreachable: offline policies govern logins and release.
+
+        While reconciling the link is up, so logins and releases follow the normal rules;
+        only credit waits for the outbox to drain.
+        """
+        return self.failover is not None and self.failover.mode == "offline"
 
     async def _policy(self, key: str) -> str:
         policies = await self.read(thdEffectivePolicies, self.site)
@@ -266,7 +274,7 @@ class Gate:
         try:
             return await self.authenticator.card(number, device, pin)
         except AuthFailed as e:
-            if e.reason != "unknown card" or not self.offline():
+            if e.reason != "unknown card" or not self.disconnected():
                 raise
             if await self._policy("offline.unknown_card") != "offline-account":
                 raise
@@ -276,14 +284,14 @@ class Gate:
     async def password(self, username: str, password: str, device: str = "") -> Identity:
         """Authenticate by username and password; offline only if the policy allows."""
         self.check()
-        if self.offline() and await self._policy("offline.password_login") == "refuse":
+        if self.disconnected() and await self._policy("offline.password_login") == "refuse":
             raise AuthFailed("password login is not available while the site is offline")
         return await self.authenticator.password(username, password, device)
 
     async def may_release(self) -> None:
         """Refuse a Find-Me release when offline and the policy says so."""
         self.check()
-        if self.offline() and await self._policy("offline.release") == "refuse":
+        if self.disconnected() and await self._policy("offline.release") == "refuse":
             raise Refused("release is not available while the site is offline")
 
     async def charge(

@@ -163,3 +163,15 @@ class SubmitOutbox(amp.Command):
     arguments = [(b"records", amp.String())]
     response = [(b"applied_seq", amp.Integer())]
     fatalErrors = COMMON_ERRORS
+
+
+class CheckPassword(amp.Command):
+    """Site → primary: is this the user's password? For sites holding no verifiers.
+
+    The primary checks it with its own throttling (per user and per site) and answers
+    only yes or no.
+    """
+
+    arguments = [(b"username", amp.Unicode()), (b"password", amp.Unicode())]
+    response = [(b"ok", amp.Boolean())]
+    fatalErrors = COMMON_ERRORS

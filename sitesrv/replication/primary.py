@@ -31,6 +31,7 @@ from sitesrv.replication import codec
 from sitesrv.replication.commands import (
     BadToken,
     BeginSnapshot,
+    CheckPassword,
     GetChanges,
     Hello,
     NotAuthenticated,
@@ -307,6 +308,20 @@ class SiteSession(LivenessAMP):
             # Compressed worse than expected: send the first half now.
             count = max(1, count // 2)
 
+    # -- passwords ------------------------------------------------------------------
+
+    @CheckPassword.responder
+    def checkPassword(self, username: str, password: str) -> Deferred[dict[str, Any]]:
+        """Check a password for a site whose replica holds no verifiers."""
+        return Deferred.fromCoroutine(self._checkPassword(username, password))
+
+    async def _checkPassword(self, username: str, password: str) -> dict[str, Any]:
+        site = self._require_site()
+        check = self.service.check_password
+        if check is None:
+            return {"ok": False}
+        return {"ok": bool(await check(username, password, f"site:{site}"))}
+
     # -- outbox ---------------------------------------------------------------------
 
     @SubmitOutbox.responder
@@ -474,6 +489,8 @@ class PrimaryReplication(Service):
         self.monotonic = monotonic
         self.reactor: Any = reactor if reactor is not None else clock
         self.sessions: dict[str, SiteSession] = {}
+        #: Checks a password for a site (set by the server: its authenticator).
+        self.check_password: Callable[[str, str, str], Deferred[bool]] | None = None
         self.head = 0
         self.snapshots = DeferredSemaphore(MAX_SNAPSHOTS)
         self._threads = ThreadPool(1, MAX_SNAPSHOTS, "sitesrv-snapshot")

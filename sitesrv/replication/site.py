@@ -18,7 +18,7 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -34,6 +34,7 @@ from sitesrv.replication import codec
 from sitesrv.replication.commands import (
     BadToken,
     BeginSnapshot,
+    CheckPassword,
     GetChanges,
     Hello,
     Poke,
@@ -401,6 +402,15 @@ class SiteReplication(MultiService):
                 "tokens and data cross the network unencrypted",
                 endpoint=link.endpoint,
             )
+
+    def checkPassword(self, username: str, password: str) -> Deferred[bool]:
+        """Ask the primary whether this is the user's password (False when unreachable)."""
+        link = self.current
+        if link is None:
+            return succeed(False)
+        d = link.callRemote(CheckPassword, username=username, password=password)
+        d.addCallbacks(lambda answer: bool(answer["ok"]), lambda failure: False)
+        return d
 
     def outboxChanged(self) -> None:
         """A record was added to the outbox: submit it now if the primary is reachable."""
