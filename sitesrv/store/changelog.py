@@ -215,13 +215,19 @@ def thdRows(conn: Connection, table: Table, row_ids: Sequence[int]) -> dict[int,
 
 
 def thdLogMany(
-    conn: Connection, entries: Sequence[tuple[Table, Mapping[str, Any]]], now: float
+    conn: Connection,
+    entries: Sequence[tuple[Table, Mapping[str, Any]]],
+    now: float,
+    *,
+    own_group: bool = False,
 ) -> int:
     """Log upsert images of rows already written, in this order; return the last position.
 
     The bulk form of what ``thdInsert`` and ``thdUpdate`` log: ``entries`` are
     ``(table, row)`` with the row as ``thdRows`` read it. All positions come from one
     counter update, so they are consecutive and ordered like those of one writer.
+    They belong to this transaction's group (a site applies them with the rest of the
+    transaction), unless ``own_group``: a bulk import is applied call by call.
     """
     if not entries:
         return thdState(conn)[1]
@@ -232,6 +238,7 @@ def thdLogMany(
         .returning(replication_state.c.head)
     ).scalar_one()
     first = last - len(entries) + 1
+    group = first if own_group else _thdTxn(conn, first)
     scopes: dict[tuple[str, Any], str | None] = {}
     values = []
     for offset, (table, row) in enumerate(entries):
@@ -249,8 +256,7 @@ def thdLogMany(
                 scopes[key],
                 ROW_FORMAT,
                 now,
-                # A bulk import is applied at sites call by call, not as one transaction.
-                first,
+                group,
             )
         )
     _thdInsertMany(

@@ -483,7 +483,8 @@ def _thdImportChunk(conn: Connection, chunk: list[NewUser], now: float, site: st
         if user_id in password_rows:
             entries.append((passwords, password_rows[user_id]))
         entries.extend((cards, card_rows[number]) for number in u.cards)
-    thdLogMany(conn, entries, now)
+    # Each import call is its own group: a large import is not held whole at a site.
+    thdLogMany(conn, entries, now, own_group=True)
 
 
 # -- groups ---------------------------------------------------------------------------
