@@ -24,27 +24,35 @@ def json_response(request: Request, code: int, body: object) -> bytes:
 
 
 class HealthResource(Resource):
-    """Reports ``IStatusSource.status()``."""
-
-    isLeaf = True
+    """Reports ``IStatusSource.status()``; its children (``sites``) are put by the server."""
 
     def __init__(self, source: IStatusSource) -> None:
         super().__init__()
         self.source = source
 
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        """``/health/`` is ``/health``; anything else not put here is not found."""
+        return self if path == b"" else super().getChild(path, request)
+
     def render_GET(self, request: Request) -> int:
         """The status as JSON; 503 when the server is not serving."""
+        # A monitoring client that hung up gets no answer (finishing would raise).
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
         d = self.source.status()
 
-        def respond(status: dict[str, Any]) -> None:
-            code = 200 if self.source.serving() else 503
-            request.write(json_response(request, code, status))
-            request.finish()
+        def respond(status: dict[str, Any]) -> tuple[int, Any]:
+            return (200 if self.source.serving() else 503), status
 
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> tuple[int, Any]:
             log.failure("health check failed", failure)
-            request.write(json_response(request, 500, {"error": "status unavailable"}))
-            request.finish()
+            return 500, {"error": "status unavailable"}
+
+        def answer(result: tuple[int, Any]) -> None:
+            if not gone:
+                request.write(json_response(request, *result))
+                request.finish()
 
         d.addCallbacks(respond, failed)
+        d.addCallback(answer)
         return NOT_DONE_YET
