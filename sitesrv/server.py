@@ -19,24 +19,28 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web.server import Site
+from twisted.web.resource import Resource
 from zope.interface import implementer
 
 import sitesrv
 from sitesrv.cardnumber import CardNormaliser
 from sitesrv.config import Config
 from sitesrv.core.auth import Authenticator, AuthFailed, FailureThrottle
-from sitesrv.core.gate import Gate
 from sitesrv.failover import Failover, FailoverObserver
 from sitesrv.interfaces import IStatusSource
+from sitesrv.metrics import MeasuredGate, Metrics
 from sitesrv.replication.primary import PrimaryReplication
 from sitesrv.replication.site import SiteReplication, link_endpoint
+from sitesrv.sitehealth import SKEW_WARNING, SiteMonitor, skew_problem
 from sitesrv.store import Store
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
 from sitesrv.store.outbox import thdPendingCount, thdPrune
 from sitesrv.store.replica import thdReplicaState
 from sitesrv.tls import TLSError
+from sitesrv.web import xmlrpc
+from sitesrv.web.metrics import MeasuredSite, MetricsResource
 from sitesrv.web.root import make_root
+from sitesrv.web.sitehealth import SitesHealthResource
 
 T = TypeVar("T")
 
@@ -66,6 +70,9 @@ class Server(MultiService):
             normaliser=CardNormaliser(),
         )
         self._prune: LoopingCall | None = None
+        # This server's own registry: the demo runs two servers in one process.
+        self.metrics = Metrics(config.role, config.name)
+        self.sites: SiteMonitor | None = None
         self.failover: Failover | None = None
         self.observer: FailoverObserver | None = None
         self.replication: PrimaryReplication | SiteReplication | None = None
@@ -73,7 +80,7 @@ class Server(MultiService):
             self._setUpPrimary()
         else:
             self._setUpSite()
-        self.gate = Gate(
+        self.gate = MeasuredGate(
             role=config.role,
             site=config.name,
             authenticator=self.authenticator,
@@ -82,9 +89,12 @@ class Server(MultiService):
             clock=reactor,
             failover=self.failover,
             recorded=self._outboxChanged,
+            metrics=self.metrics,
         )
         root = make_root(self, self.gate, store.runRead, reactor)
-        self.web = strports.service(config.listen.web, Site(root), reactor=reactor)
+        self._mountMonitoring(root)
+        self.site = MeasuredSite(root, self.metrics)
+        self.web = strports.service(config.listen.web, self.site, reactor=reactor)
         self.web.setServiceParent(self)
 
     def _setUpPrimary(self) -> None:
@@ -100,6 +110,13 @@ class Server(MultiService):
         replication.setServiceParent(self)
         replication.check_password = self._checkPasswordForSite
         self.replication = replication
+        self.sites = SiteMonitor(
+            self.store.runRead,
+            lambda: replication.sessions,
+            self.reactor,
+            grace=config.web.site_grace,
+            started_at=self.started_at,
+        )
         listener = strports.service(
             config.replication_endpoint, replication.factory(), reactor=self.reactor
         )
@@ -110,6 +127,7 @@ class Server(MultiService):
         assert config.primary is not None
         self.failover = Failover(self.reactor)
         self.observer = FailoverObserver(self.failover)
+        self.failover.core.listeners.append(self.metrics.transition)
         try:
             endpoint = link_endpoint(config.primary, self.reactor)
         except TLSError as e:
@@ -136,6 +154,27 @@ class Server(MultiService):
             return True
 
         return Deferred.fromCoroutine(check())
+
+    def _mountMonitoring(self, root: Resource) -> None:
+        """``/metrics``, ``/health/sites`` and (primary, token set) ``/rpc/api/xmlrpc``."""
+        root.putChild(b"metrics", MetricsResource(self, self.metrics))
+        root.getStaticEntity(b"health").putChild(b"sites", SitesHealthResource(self.sites))
+        if self.config.role != "primary":
+            return
+        try:
+            token = xmlrpc.read_api_token(self.config.web)
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+        if token is not None:
+            api = xmlrpc.PaperCutAPI(
+                token,
+                self.store.runRead,
+                self.store.runWrite,
+                self.reactor,
+                self.config.name,
+                normaliser=self.authenticator.normaliser,
+            )
+            xmlrpc.mount(root, api)
 
     def _outboxChanged(self) -> None:
         if isinstance(self.replication, SiteReplication):
@@ -208,15 +247,35 @@ class Server(MultiService):
             "protocol_version": sitesrv.PROTOCOL_VERSION,
             "mode": self.mode(),
             "since": self.started_at,
+            # Site-only facts; on the primary each site's are under "sites".
+            "last_sync": None,
+            "position": None,
+            "lag": None,
+            "outbox_pending": None,
+            "clock_skew": None,
             "problems": [],
         }
+        if isinstance(self.replication, PrimaryReplication) and self.sites is not None:
+            report = await self.sites.report()
+            status.update(
+                position=report.head,
+                sites=[s.asdict() for s in report.sites],
+                problems=report.problems(),
+            )
         if self.failover is not None and self.observer is not None:
+            assert isinstance(self.replication, SiteReplication)
             core = self.failover.core
+            skew = self.observer.skew
+            problems = list(self.observer.problems)
+            if skew is not None and abs(skew) > SKEW_WARNING:
+                problems.append(skew_problem(skew, "this site"))
             status.update(
                 since=core.since,
                 last_sync=core.last_sync,
-                clock_skew=self.observer.skew,
-                problems=list(self.observer.problems),
+                position=(await self.store.runRead(thdReplicaState)).position,
+                lag=self.replication.lag(),
+                clock_skew=skew,
+                problems=problems,
                 transitions=[
                     {"at": t.at, "from": t.old, "to": t.new, "input": t.input, "reason": t.reason}
                     for t in core.history
