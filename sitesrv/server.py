@@ -26,9 +26,11 @@ import sitesrv
 from sitesrv.cardnumber import CardNormaliser
 from sitesrv.config import Config
 from sitesrv.core.auth import Authenticator, AuthFailed, FailureThrottle
+from sitesrv.core.findme import FindMe
 from sitesrv.failover import Failover, FailoverObserver
 from sitesrv.interfaces import IStatusSource
 from sitesrv.metrics import MeasuredGate, Metrics
+from sitesrv.providers.server import ProviderService
 from sitesrv.replication.primary import PrimaryReplication
 from sitesrv.replication.site import SiteReplication, link_endpoint
 from sitesrv.sitehealth import SKEW_WARNING, SiteMonitor, skew_problem
@@ -91,6 +93,28 @@ class Server(MultiService):
             recorded=self._outboxChanged,
             metrics=self.metrics,
         )
+        # The Find-Me queue, and the print providers whose jobs it holds (port 9191).
+        self.findme = FindMe(
+            self.gate,
+            store.runRead,
+            store.runWrite,
+            reactor,
+            hold_seconds=config.providers.hold_hours * 3600.0,
+        )
+        self.findme.setServiceParent(self)
+        self.providers = ProviderService(
+            self.findme,
+            self.gate,
+            store.runRead,
+            config.name,
+            reactor,
+            heartbeat=config.providers.heartbeat,
+        )
+        self.findme.links = self.providers
+        self.providers.setServiceParent(self)
+        strports.service(
+            config.listen.providers, self.providers.factory(), reactor=reactor
+        ).setServiceParent(self)
         root = make_root(self, self.gate, store.runRead, reactor)
         self._mountMonitoring(root)
         self.site = MeasuredSite(root, self.metrics)
