@@ -25,7 +25,9 @@ from zope.interface import implementer
 import sitesrv
 from sitesrv.cardnumber import CardNormaliser
 from sitesrv.config import Config
+from sitesrv.connectormanager import ConnectorManager
 from sitesrv.core.auth import Authenticator, AuthFailed, FailureThrottle
+from sitesrv.core.devicecore import DeviceCore
 from sitesrv.core.findme import FindMe
 from sitesrv.failover import Failover, FailoverObserver
 from sitesrv.interfaces import IStatusSource
@@ -36,6 +38,7 @@ from sitesrv.replication.site import SiteReplication, link_endpoint
 from sitesrv.sitehealth import SKEW_WARNING, SiteMonitor, skew_problem
 from sitesrv.store import Store
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
+from sitesrv.store.devices import Device
 from sitesrv.store.outbox import thdPendingCount, thdPrune
 from sitesrv.store.replica import thdReplicaState
 from sitesrv.tls import TLSError
@@ -115,6 +118,15 @@ class Server(MultiService):
         strports.service(
             config.listen.providers, self.providers.factory(), reactor=reactor
         ).setServiceParent(self)
+        # A connector service for each device of this server's own site (in both roles).
+        self.connectors = ConnectorManager(
+            config.name,
+            store.runRead,
+            self._deviceCore,
+            reactor,
+            on_connections=lambda name, n: self.metrics.connector_connections.labels(name).set(n),
+        )
+        self.connectors.setServiceParent(self)
         root = make_root(self, self.gate, store.runRead, reactor)
         self._mountMonitoring(root)
         self.site = MeasuredSite(root, self.metrics)
@@ -168,6 +180,12 @@ class Server(MultiService):
         replication.setServiceParent(self)
         self.replication = replication
         self.authenticator.remote_password = replication.checkPassword
+
+    def _deviceCore(self, device: Device, changed: Callable[[DeviceCore], None]) -> DeviceCore:
+        """The core API a device's connector gets."""
+        return DeviceCore(
+            device, self.gate, self.findme, self.store.runRead, self.reactor, changed
+        )
 
     def _checkPasswordForSite(self, username: str, password: str, device: str) -> Deferred[bool]:
         async def check() -> bool:
@@ -306,6 +324,7 @@ class Server(MultiService):
                 ],
                 outbox_pending=await self.store.runRead(thdPendingCount),
             )
+        status["problems"] = [*status["problems"], *self.connectors.problems()]
         return status
 
 
