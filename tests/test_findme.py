@@ -227,6 +227,7 @@ class FindMeFixture(SynchronousTestCase):
             found = []
             for row in rows:
                 job = self.store.read(jobqueue.thdJob, row.uuid)
+                assert job is not None
                 txn = self.primary.read(
                     thdTransactionByUUID, charge_uuid(job.uuid, job.release_id or "")
                 )
@@ -239,7 +240,7 @@ class FindMeFixture(SynchronousTestCase):
             if p.payload["kind"] == "charge"
         ]
 
-    def printed(
+    def report_printed(
         self, n: int, release_id: str, printer: str = "north-hold", pages: int = 1, **kw: Any
     ) -> Any:
         report = PrintedReport(details(n, pages=pages, **kw), release_id, printer, NOW)
@@ -392,7 +393,7 @@ class ReleaseTests(FindMeFixture):
             ("north-spool", uuid_of(1), "north-colour", "ipp://nc/ipp/print"),
         )
         self.assertEqual(self.job(1).state, "releasing")
-        result = self.printed(1, release_id, printer="north-colour", pages=2)
+        result = self.report_printed(1, release_id, printer="north-colour", pages=2)
         self.assertEqual((result.charged, result.recorded), (40, True))
         self.assertEqual(self.job(1).state, "printed")
         self.assertEqual(self.charges(), [(charge_uuid(uuid_of(1), release_id), -40, False)])
@@ -403,8 +404,8 @@ class ReleaseTests(FindMeFixture):
         self.hold(1)
         self.ok(self.findme.release(self.identity(), "north-hold"))
         release_id = self.links.releases[0][2]
-        self.assertTrue(self.printed(1, release_id).recorded)
-        again = self.printed(1, release_id)
+        self.assertTrue(self.report_printed(1, release_id).recorded)
+        again = self.report_printed(1, release_id)
         self.assertEqual((again.charged, again.recorded), (10, False))
         self.assertEqual(len(self.charges()), 1)
 
@@ -499,10 +500,10 @@ class ReleaseTests(FindMeFixture):
 
     def test_printed_unasked_is_charged_once(self) -> None:
         """A job printed while the server was unreachable ("print and report later")."""
-        result = self.printed(7, "", printer="north-direct", pages=3)
+        result = self.report_printed(7, "", printer="north-direct", pages=3)
         self.assertEqual((result.charged, result.recorded), (30, True))
         self.assertEqual(self.job(7).state, "printed")
-        self.assertFalse(self.printed(7, "", printer="north-direct", pages=3).recorded)
+        self.assertFalse(self.report_printed(7, "", printer="north-direct", pages=3).recorded)
         self.assertEqual(len(self.charges()), 1)
 
     def test_printed_beyond_balance_goes_to_suspense(self) -> None:
@@ -510,7 +511,7 @@ class ReleaseTests(FindMeFixture):
         self.hold(1)
         self.ok(self.findme.release(self.identity(), "north-hold"))
         release_id = self.links.releases[0][2]
-        result = self.printed(1, release_id, pages=50)
+        result = self.report_printed(1, release_id, pages=50)
         self.assertEqual(result.charged, 5_00)
         suspense = self.store.read(thdAccount, SUSPENSE_ACCOUNT)
         [record] = [p for p in self.store.read(outbox.thdPending, 0, 100)]
@@ -570,7 +571,7 @@ class ExpiryTests(FindMeFixture):
         release_id = self.links.releases[0][2]
         self.clock.advance(9 * HOUR)
         self.assertEqual(self.job(1).state, "expired")
-        self.assertTrue(self.printed(1, release_id).recorded)
+        self.assertTrue(self.report_printed(1, release_id).recorded)
         self.assertEqual(len(self.charges()), 1)
 
 
@@ -585,7 +586,7 @@ class OfflineTests(FindMeFixture):
         [outcome] = self.ok(self.findme.release(self.identity(), "north-hold"))
         self.assertTrue(outcome.released)
         release_id = self.links.releases[0][2]
-        self.printed(1, release_id)
+        self.report_printed(1, release_id)
         self.assertEqual(self.charges(), [(charge_uuid(uuid_of(1), release_id), -10, True)])
 
     def test_release_refused_by_policy(self) -> None:
@@ -658,6 +659,7 @@ class PrimaryTests(FindMeFixture):
         self.assertTrue(self.ok(self.findme.printed("hq-spool", report)).recorded)
         self.assertFalse(self.ok(self.findme.printed("hq-spool", report)).recorded)
         txn = self.primary.read(thdTransactionByUUID, charge_uuid(uuid_of(1), release_id))
+        assert txn is not None
         self.assertEqual((txn.amount, txn.balance_after, txn.job_uuid), (-40, 60, uuid_of(1)))
         [logged] = self.primary.read(thdListJobs, "alice")
         self.assertEqual((logged.pages, logged.cost, logged.printer_name), (4, 40, "hq-hold"))
