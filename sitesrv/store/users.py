@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import attrs
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, insert, select
 
 from sitesrv.errors import AlreadyExists, Invalid, NotFound
 from sitesrv.store import ledger
@@ -405,7 +405,9 @@ def _thdImportChunk(conn: Connection, chunk: list[NewUser], now: float, site: st
                     "name": u.username,
                     "type": AccountType.PERSONAL.value,
                     "user_id": user_ids[u.username],
-                    "balance": 0,
+                    # Written with its opening balance at once; logged as the one-by-one
+                    # path logs it: opened with 0, then given the balance by ledger.thdPost.
+                    "balance": u.balance,
                     "restricted": u.restricted,
                     "credit_limit": u.credit_limit,
                     "created_at": now,
@@ -415,22 +417,15 @@ def _thdImportChunk(conn: Connection, chunk: list[NewUser], now: float, site: st
         ).all()
     )
     user_rows = thdRows(conn, users, list(user_ids.values()))
-    opened = thdRows(conn, accounts, list(account_ids.values()))
+    balanced = thdRows(conn, accounts, list(account_ids.values()))
+    opened = {
+        account_id: {**row, "balance": 0} if row["balance"] else row
+        for account_id, row in balanced.items()
+    }
     funded = [u for u in chunk if u.balance]
-    balanced: dict[int, dict[str, Any]] = {}
     if funded:
-        # What ledger.thdPost does for an opening balance: a new image of the account
-        # and a transaction (its own UUID; transactions are not in the change log).
-        conn.execute(
-            update(accounts)
-            .where(accounts.c.id == bindparam("account_id"))
-            .values(balance=bindparam("new_balance")),
-            [
-                {"account_id": account_ids[user_ids[u.username]], "new_balance": u.balance}
-                for u in funded
-            ],
-        )
-        balanced = thdRows(conn, accounts, [account_ids[user_ids[u.username]] for u in funded])
+        # The transaction ledger.thdPost records for an opening balance (its own UUID;
+        # transactions are not in the change log).
         conn.execute(
             insert(transactions),
             [
@@ -478,7 +473,7 @@ def _thdImportChunk(conn: Connection, chunk: list[NewUser], now: float, site: st
         account_id = account_ids[user_id]
         entries.append((users, user_rows[user_id]))
         entries.append((accounts, opened[account_id]))
-        if account_id in balanced:
+        if balanced[account_id]["balance"]:
             entries.append((accounts, balanced[account_id]))
         if user_id in password_rows:
             entries.append((passwords, password_rows[user_id]))
