@@ -51,6 +51,7 @@ from sitesrv.replication.liveness import MISSED_BEATS, LivenessAMP
 from sitesrv.testing.faultproxy import FaultProxy
 from tests.processes import (
     CLEAN_EXITS,
+    Health,
     Node,
     ServerProcess,
     admin,
@@ -813,6 +814,52 @@ class TwoSitesTests(FaultTestCase):
         # Online again, the normal credit limit applies.
         self.assertEqual(await devices[0].charge(pages=10, expect=[402]), 402)
         self.assertLedger(rig)
+
+
+class SlowLinkTests(FaultTestCase):
+    """A slow but working link is not taken for a dead one."""
+
+    #: Bytes a second each way: a 16 KiB TLS record takes two seconds, several heartbeats.
+    RATE = 8_000
+
+    async def test_backlog_over_a_throttled_link(self) -> None:
+        """A backlog drains over a throttled, delayed link in one connection, no drops."""
+        rig = await self.rig()
+        site = rig.site
+        await self.backlog(site, self.device(rig))
+        site.proxy.delay(0.05)
+        site.proxy.rate(self.RATE)
+        connections = site.proxy.stats().connections
+        await site.proxy.heal()
+        healed = time.monotonic()
+
+        def settled(health: Health) -> bool:
+            # Online, or dropped again (then this test has failed: no need to wait on).
+            dropped = [t for t in health.body.get("transitions", []) if t["to"] == "offline"]
+            return health.mode == "online" or len(dropped) > 1
+
+        health = await wait_for_health(site.server, settled, "online or dropped", 30)
+        stats = site.proxy.stats()
+        log.info(
+            "faults: slow link: {mode} {t:.1f} s after the heal; {up} bytes up, {down} down",
+            mode=health.mode,
+            t=time.monotonic() - healed,
+            up=stats.bytes_up,
+            down=stats.bytes_down,
+        )
+        self.assertEqual(
+            [(t["from"], t["to"], t["input"]) for t in health.body["transitions"][:3]],
+            [
+                ("syncing", "online", "caughtUp"),
+                ("reconciling", "syncing", "outboxDrained"),
+                ("offline", "reconciling", "connected"),
+            ],
+        )
+        self.assertEqual(stats.connections, connections + 1, "the site had to reconnect")
+        self.assertEqual(rig.server.count("dropping link"), 0, rig.server.tail(20))
+        site.proxy.rate(0)
+        site.proxy.delay(0)
+        await self.converge(rig)
 
 
 class _Probe(LivenessAMP):
