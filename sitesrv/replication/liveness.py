@@ -1,8 +1,10 @@
 """Heartbeats for AMP links: proof of life both ways, and dropping a silent peer.
 
 Any bytes received count as proof of life, so a bulk transfer on a slow link never trips
-the timeout. Timers run on the injected reactor clock; elapsed silence is measured with
-a monotonic clock (also injected), so a wall-clock step neither stalls nor fires it.
+the timeout; under TLS that means the encrypted bytes as they arrive, not only whole
+records (see `LivenessAMP.makeConnection`). Timers run on the injected reactor clock;
+elapsed silence is measured with a monotonic clock (also injected), so a wall-clock step
+neither stalls nor fires it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from sitesrv.replication.commands import Heartbeat
@@ -45,6 +48,23 @@ class LivenessAMP(amp.AMP):
         self.lastReceived = monotonic()
         self.heartbeatInterval = 0.0
         self._beat: LoopingCall | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        """Over TLS, also note proof of life as soon as encrypted bytes arrive.
+
+        TLS hands the protocol above it whole records only (up to 16 KiB): on a slow
+        link one record can take longer than the timeout to arrive, though bytes arrive
+        all along, and a peer sending a large batch would be dropped again and again.
+        """
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            decrypt = transport.dataReceived
+
+            def dataReceived(data: bytes) -> None:
+                self.lastReceived = self.monotonic()
+                decrypt(data)
+
+            transport.dataReceived = dataReceived  # type: ignore[method-assign]
+        super().makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
         """Note proof of life, then parse as usual."""
