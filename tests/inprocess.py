@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.internet.testing import MemoryReactorClock
+from twisted.web.error import UnsupportedMethod
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -108,14 +109,19 @@ def get(server: Server, path: str, method: bytes = b"GET") -> Answer:
     segments = path.lstrip("/").split("/")
     request = DummyRequest([s.encode("utf-8") for s in segments])
     request.method = method
-    resource = server.site.getResourceFor(request)
-    result = resource.render(request)
+    resource = server.site.getResourceFor(cast(Any, request))
+    try:
+        result = resource.render(request)
+    except UnsupportedMethod:
+        # What twisted.web's Request.render answers for it.
+        request.setResponseCode(405)
+        result = b""
     if result is not NOT_DONE_YET:
         request.write(result)
         request.finish()
     assert request.finished, f"{method!r} {path} did not finish"
     body = b"".join(request.written)
     assert TRACEBACK.encode() not in body, body
-    types = request.responseHeaders.getRawHeaders(b"content-type") or [None]
-    content_type = types[0].decode("ascii") if types[0] is not None else None
+    types = request.responseHeaders.getRawHeaders(b"content-type")
+    content_type = types[0].decode("ascii") if types else None
     return Answer(request.responseCode or 200, body, content_type)

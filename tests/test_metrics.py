@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import prometheus_client
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +24,7 @@ import sitesrv
 from sitesrv.core.auth import AuthFailed, Identity
 from sitesrv.core.gate import Refused
 from sitesrv.failover import MODES
+from sitesrv.replication.primary import PrimaryReplication, SiteSession
 from sitesrv.replication.site import PrimaryLinkProtocol, SiteReplication
 from sitesrv.secrets import make_verifier
 from sitesrv.server import Server
@@ -233,8 +234,8 @@ class ReplicationTests(SynchronousTestCase):
             protocol_version=2,
             address="192.0.2.7:1",
         )
-        assert server.replication is not None
-        server.replication.sessions["north"] = object()  # type: ignore[index,assignment]
+        assert isinstance(server.replication, PrimaryReplication)
+        server.replication.sessions["north"] = cast(SiteSession, object())
         found = scrape(server)
         self.assertEqual(found.value("sitesrv_replication_position"), float(head))
         self.assertEqual(found.value("sitesrv_site_connected", site="north"), 1.0)
@@ -415,7 +416,7 @@ class RequestTests(SynchronousTestCase):
     def test_root_and_aborted(self) -> None:
         """``/`` is its own route; a client that goes away is counted as aborted."""
         request = DummyRequest([b""])
-        self.server.site.getResourceFor(request)
+        self.server.site.getResourceFor(cast(Any, request))
         request.processingFailed(Failure(ConnectionError("gone")))
         codes = scrape(self.server).labelled("sitesrv_http_responses_total")
         self.assertEqual(codes[(("code", "aborted"), ("route", "/"))], 1.0)

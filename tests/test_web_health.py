@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from sitesrv.config import ConfigError, from_dict
+from sitesrv.replication.primary import PrimaryReplication, SiteSession
 from sitesrv.replication.site import PrimaryLinkProtocol, SiteReplication
 from sitesrv.server import Server
 from sitesrv.sitehealth import DEFAULT_GRACE
@@ -74,15 +75,15 @@ def link_up(server: Server, site: str, position: int = 0, skew: float = 0.25) ->
         protocol_version=2,
         address="192.0.2.7:40000",
     )
-    assert server.replication is not None
-    server.replication.sessions[site] = object()  # type: ignore[index,assignment]
+    assert isinstance(server.replication, PrimaryReplication)
+    server.replication.sessions[site] = cast(SiteSession, object())
 
 
 def link_down(server: Server, site: str) -> None:
     """Record that ``site``'s link closed now, and drop its session."""
     server.store.write(thdLinkDown, site, server.reactor.seconds())
-    assert server.replication is not None
-    server.replication.sessions.pop(site, None)  # type: ignore[union-attr,arg-type]
+    assert isinstance(server.replication, PrimaryReplication)
+    server.replication.sessions.pop(site, None)
 
 
 class PrimaryHealthTests(SynchronousTestCase):
