@@ -245,6 +245,28 @@ class HelloTests(ProtocolFixture):
         self.assertTrue(client.lost)
         self.assertRefused(self.hello(), BadKey, "wrong key")
 
+    def test_no_hello_closes(self) -> None:
+        """A connection that never says hello is closed after 30 s."""
+        self.connect()
+        self.clock.advance(29)
+        self.settle()
+        self.assertFalse(self.wires[0].closed)
+        self.clock.advance(1)
+        self.settle()
+        self.assertTrue(self.wires[0].closed)
+
+    def test_endless_box_dropped(self) -> None:
+        """A box that never ends (valid keys, no terminator) is cut off at 1 MiB."""
+        client = self.online()
+        chunk = b"".join(
+            len(k).to_bytes(2, "big") + k + (60_000).to_bytes(2, "big") + b"v" * 60_000
+            for k in (b"k%d" % i for i in range(20))
+        )
+        self.wires[0].clientIO.write(chunk)
+        self.settle()
+        self.assertTrue(self.wires[0].closed)
+        self.assertTrue(client.lost)
+
     def test_new_link_replaces_old(self) -> None:
         """A provider that reconnects before its old link timed out replaces it."""
         self.online()
@@ -434,6 +456,19 @@ class ReleaseTests(ProtocolFixture):
             self.successResultOf(self.printed(client, 1, item["release_id"]))["recorded"], True
         )
         self.assertEqual(len(self.charges()), 1)
+
+    def test_reports_with_different_release_ids_charge_once(self) -> None:
+        """Whatever release id a (buggy) provider quotes, one job is charged once."""
+        client = self.online()
+        self.hold(client, 1)
+        self.release()
+        [(_job, release_id, _p, _u)] = client.releases
+        first = self.printed(client, 1, "")
+        second = self.printed(client, 1, release_id)
+        self.assertTrue(self.successResultOf(first)["recorded"])
+        self.assertFalse(self.successResultOf(second)["recorded"])
+        self.assertEqual(self.charges(), [(charge_uuid(uuid_of(1), release_id), -10, False)])
+        self.assertEqual(self.job(1).release_id, release_id)
 
     def test_release_answer_lost(self) -> None:
         """The provider got the Release but its answer was lost: it announces the release

@@ -716,7 +716,8 @@ def thdMarkPrinted(
         "charged": charged,
         "provider_told": True,
     }
-    if jobqueue.thdJob(conn, details.uuid) is None:
+    existing = jobqueue.thdJob(conn, details.uuid)
+    if existing is None:
         queue, _why = _thdQueue(conn, printer.site, details.queue)
         return jobqueue.thdAddJob(
             conn,
@@ -728,6 +729,9 @@ def thdMarkPrinted(
             expires_at=now,
             **values,
         )
+    if existing.release_id:
+        # The release the server issued stays on record, whatever the report said.
+        del values["release_id"]
     return jobqueue.thdUpdateJob(conn, details.uuid, now, **values)
 
 
@@ -891,7 +895,10 @@ class FindMe(Service):
             status="printed",
             uuid=details.uuid,
         )
-        txn = charge_uuid(details.uuid, report.release_id)
+        # The stored release id when there is one: whatever a provider reports, one job
+        # gives one transaction UUID, even for two reports racing each other.
+        release_id = job.release_id if job is not None and job.release_id else report.release_id
+        txn = charge_uuid(details.uuid, release_id)
         try:
             if user is None:
                 raise InsufficientFunds(f"user {details.user!r} no longer exists")

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -78,6 +79,11 @@ T = TypeVar("T")
 KEY_CHECK_INTERVAL = 5.0
 #: Largest spool size a provider may report (1 TiB): a bigger number is a bug.
 MAX_SIZE = 2**40
+#: A connection that has not said hello within this many seconds is closed.
+HELLO_TIMEOUT = 30.0
+#: Most bytes received without a complete AMP box (AMP limits each value to 64 KiB but
+#: not how many keys a box has); beyond it the link is dropped.
+MAX_BOX_BYTES = 1024 * 1024
 
 
 # -- input checks ----------------------------------------------------------------------
@@ -165,6 +171,40 @@ class ProviderSession(LivenessAMP):
         super().__init__(clock=service.clock, monotonic=service.monotonic)
         self.service = service
         self.findme = service.findme
+        self._boxes = 0
+        self._sinceBox = 0
+        self._helloTimer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        """Give the provider ``HELLO_TIMEOUT`` seconds to say hello."""
+        super().connectionMade()
+        self._helloTimer = self.clock.callLater(HELLO_TIMEOUT, self._noHello)
+
+    def _noHello(self) -> None:
+        self._helloTimer = None
+        if self.provider is None:
+            log.warn("closing provider link from {peer}: no hello", peer=self._peer())
+            self.drop(f"no hello within {HELLO_TIMEOUT:g} s")
+
+    def dataReceived(self, data: bytes) -> None:
+        """Parse as usual, but drop a peer that sends a box without end."""
+        boxes = self._boxes
+        super().dataReceived(data)
+        self._sinceBox = self._sinceBox + len(data) if self._boxes == boxes else 0
+        if self._sinceBox > MAX_BOX_BYTES and self.transport is not None:
+            log.warn(
+                "dropping provider link from {peer}: more than {limit} bytes without a "
+                "complete message",
+                peer=self._peer(),
+                limit=MAX_BOX_BYTES,
+            )
+            self.dropReason = "message too large"
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def ampBoxReceived(self, box: Any) -> None:
+        """Count complete boxes (for the size guard)."""
+        self._boxes += 1
+        super().ampBoxReceived(box)
 
     def _peer(self) -> str:
         peer = getattr(self.transport, "getPeer", lambda: None)()
@@ -447,6 +487,9 @@ class ProviderSession(LivenessAMP):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Forget the session."""
+        if self._helloTimer is not None and self._helloTimer.active():
+            self._helloTimer.cancel()
+        self._helloTimer = None
         super().connectionLost(reason)
         if self.provider is not None and self.service.detach(self):
             log.info(
