@@ -54,6 +54,7 @@ from tests.processes import (
     Health,
     Node,
     ServerProcess,
+    WaitTimeout,
     admin,
     admin_sync,
     connect_readonly,
@@ -65,6 +66,7 @@ from tests.processes import (
     twistd_unavailable,
     wait_for,
     wait_for_health,
+    wait_for_log,
     wait_for_mode,
     write_primary_config,
     write_site_config,
@@ -436,11 +438,14 @@ class FaultTestCase(TestCase):
                 u for (u,) in _rows(rig.primary.database, "SELECT uuid FROM transactions")
             }
 
-        await wait_for(
-            lambda: not missing(),
-            f"all {len(wanted)} acknowledged charges in the primary's ledger",
-            deadline,
-        )
+        try:
+            await wait_for(lambda: not missing(), "the primary's ledger", deadline)
+        except WaitTimeout:
+            lost = sorted(missing(), key=list(charges.acked).index)
+            self.fail(
+                f"{len(lost)} of {len(wanted)} acknowledged charges not in the primary's "
+                f"ledger within {deadline:g} s; the first: {lost[:3]}"
+            )
         for site in rig.sites.values():
             await wait_for_health(
                 site.server,
@@ -705,7 +710,12 @@ class RestoreTests(FaultTestCase):
     """The primary restored from an older backup gets every charge back, once."""
 
     async def test_primary_restored_from_backup(self) -> None:
-        """Backup, more charges, restore, ``db restored``: the site resubmits what it kept."""
+        """Backup, more charges, restore, ``db restored``: the site resubmits what it kept.
+
+        Charges keep coming while the site loads the restored primary's snapshot: they
+        must not be submitted against the old replica's ``applied_seq``, which is ahead
+        of the restored primary's (it would skip the records the primary lost).
+        """
         rig = await self.rig()
         site = rig.site
         device = self.device(rig)
@@ -735,10 +745,25 @@ class RestoreTests(FaultTestCase):
         lost = set(self.charges.acked) - {u for (u,) in _rows(db, "SELECT uuid FROM transactions")}
         self.assertEqual(len(lost), 30, "the restored primary lacks the newer charges")
         await admin(rig.primary, "db", "restored")
+        # The device keeps charging while the site loads the restored primary's snapshot
+        # (slowed down by the link, so that it takes a while).
+        steady = Steady(device)
+        site.proxy.delay(0.1)
         rig.server.start()
+        await wait_for_log(site.server, "loading a snapshot from the primary: .* new epoch")
+        during = steady.count
+        await wait_for_log(site.server, "snapshot at position .* loaded", count=2)
+        during = steady.count - during
+        site.proxy.delay(0)
         await wait_for_mode(site.server, "online")
-        self.assertIn("new epoch", site.server.log_text())
-        await device.charge_many(10)
+        await sleep(0.5)
+        count = await steady.stop()
+        log.info(
+            "faults: restore: {n} charges after the restart, {during} while re-snapshotting",
+            n=count,
+            during=during,
+        )
+        self.assertGreater(during, 0, "no charge was made during the re-snapshot")
         await self.converge(rig)
 
 
