@@ -14,6 +14,7 @@ and skipped, while the other devices keep running.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -161,6 +162,8 @@ class ConnectorManager(MultiService):
 
     def _rediscover(self) -> None:
         self._discovered_at = self.clock.seconds()
+        # A module installed since the last look must not be hidden by stale finders.
+        importlib.invalidate_caches()
         try:
             self.factories = dict(self.discover())
         except Exception:
