@@ -110,6 +110,11 @@ class PrimaryLinkProtocol(LivenessAMP):
         self._drainAgain = False
         # The highest sequence number the primary acknowledged on this connection.
         self._acked = 0
+        # Whether the outbox may be submitted: only once the replica (and so the
+        # applied_seq the submission starts after) is this primary's. Before a snapshot
+        # after a restore, the old replica's applied_seq is ahead of the primary's, and
+        # a record submitted above it would make the primary skip the ones it lost.
+        self._mayDrain = False
 
     # -- connecting -----------------------------------------------------------------
 
@@ -201,6 +206,7 @@ class PrimaryLinkProtocol(LivenessAMP):
             await self._loadSnapshot()
         # Reconcile first: what was recorded while offline goes to the primary, then the
         # stream brings back its effect (balances and applied_seq together).
+        self._mayDrain = True
         await self.drain()
         await self._pull()
 
@@ -220,6 +226,8 @@ class PrimaryLinkProtocol(LivenessAMP):
 
     async def drain(self) -> None:
         """Submit the outbox in sequence order until nothing is pending."""
+        if not self._mayDrain:
+            return  # the connection drains everything once its snapshot is in
         if self._draining:
             self._drainAgain = True
             return
