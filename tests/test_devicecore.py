@@ -198,6 +198,23 @@ class HeldJobTests(DeviceFixture):
         self.assertEqual([o.released for o in outcomes], [True, True, True, False])
         self.assertIn("insufficient balance", outcomes[3].reason)
 
+    def test_nothing_held_needs_no_write(self) -> None:
+        """Releasing all with nothing held answers from a read: no write transaction."""
+        writes: list[Any] = []
+        real = self.findme.write
+
+        def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            writes.append(fn)
+            return real(fn, *args, **kwargs)
+
+        self.findme.write = counting
+        alice = self.alice()
+        self.assertEqual(self.ok(self.core.release(alice)), [])
+        self.assertEqual(writes, [])
+        self.hold(1)
+        self.assertEqual([o.released for o in self.ok(self.core.release(alice))], [True])
+        self.assertEqual(len(writes), 2)  # the decision, then the release
+
     def test_release_without_a_printer(self) -> None:
         """A device with no printer cannot release: an invalid request, said plainly."""
         core = self.make_core(device(printer=None))
