@@ -47,7 +47,7 @@ from sitesrv.provider.pages import (
     count_postscript,
     count_text,
 )
-from sitesrv.provider.service import Provider, ProviderLink
+from sitesrv.provider.service import Provider, ProviderLink, server_endpoint
 from sitesrv.provider.spool import (
     DENIED,
     EXPIRED,
@@ -569,6 +569,32 @@ class ConfigTests(SynchronousTestCase):
             self.assertIn(expected, problem)
 
 
+class ServerEndpointTests(SynchronousTestCase):
+    """The link to the server: TLS trusting a CA or a pinned fingerprint, or plain TCP."""
+
+    def test_trust(self) -> None:
+        """Each trust setting gives an endpoint; a missing CA file is a clear TLSError."""
+        from sitesrv.tls import TLSError, init_tls
+
+        directory = os.path.abspath(self.mktemp())
+        files = init_tls(directory, ["localhost"], ["127.0.0.1"])
+        server = {"endpoint": "tcp:127.0.0.1:9191", "key_file": "key"}
+        for trust in (
+            {"ca": files.ca_cert},
+            {"fingerprint": files.fingerprint},
+            {"insecure": True},
+        ):
+            config = from_dict(config_dict(directory, server={**server, **trust}), "/p.toml")
+            self.assertIsNotNone(server_endpoint(config, Clock()))
+        config = from_dict(
+            config_dict(directory, server={**server, "ca": "/nonexistent/ca.crt"}), "/p.toml"
+        )
+        with self.assertRaises(TLSError) as caught:
+            server_endpoint(config, Clock())
+        self.assertIn("/nonexistent/ca.crt", str(caught.exception))
+        self.flushLoggedErrors()
+
+
 # -- the provider core, offline ----------------------------------------------------------
 
 
@@ -684,9 +710,9 @@ class OfflineProviderTests(SynchronousTestCase):
         provider.startService()
         self.addCleanup(provider.stopService)
         job = self.successResultOf(provider.submit(submission(provider, "north-hold", b"x")))
-        job = attrs.evolve(job, submitted_at=NOW)
-        provider.spool.jobs[job.uuid] = job
-        self.clock.advance(73 * HOUR)
+        self.clock.advance(72 * HOUR)
+        self.assertEqual(provider.spool.jobs[job.uuid].state, PENDING)
+        self.clock.advance(HOUR)
         self.assertEqual(provider.spool.jobs[job.uuid].state, EXPIRED)
         self.assertFalse(os.path.exists(provider.spool.document_path(job.uuid)))
         self.clock.advance(25 * HOUR)

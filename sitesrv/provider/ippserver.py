@@ -304,6 +304,7 @@ class IPPResource(Resource):
             log.failure("cannot encode an IPP answer")
             body = ipp.encode(ipp.response(answer, ipp.STATUS_INTERNAL_ERROR, "internal error"))
         request.setHeader(b"content-type", b"application/ipp")
+        request.setHeader(b"content-length", b"%d" % len(body))
         request.write(body)
         request.finish()
 

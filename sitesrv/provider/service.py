@@ -30,7 +30,7 @@ import attrs
 from twisted.application import strports
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
@@ -139,9 +139,10 @@ class ProviderLink(LivenessAMP):
         self.provider = provider
         #: The server's hello answer, once it accepted us.
         self.hello: dict[str, Any] | None = None
-        #: Fires when the queues are announced: decisions may be asked for.
-        self.ready: Deferred[None] = Deferred()
+        #: Whether the queues are announced: decisions may be asked for.
         self.is_ready = False
+        self.closed = False
+        self._waiting: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
         """Say hello."""
@@ -164,7 +165,7 @@ class ProviderLink(LivenessAMP):
                 key=key,
                 software_version=f"sitesrv-provider {sitesrv.__version__}",
                 protocol_version=PROVIDER_PROTOCOL_VERSION,
-                provider_time=time.time(),
+                provider_time=self.provider.clock.seconds(),
             )
         except Exception as e:
             if self.transport is not None and self.transport.connected:  # type: ignore[attr-defined]
@@ -185,11 +186,22 @@ class ProviderLink(LivenessAMP):
         )
         self.provider.link_up(self)
 
+    def when_ready(self) -> Deferred[None]:
+        """Fires once the queues are announced; fails if the link closes first."""
+        if self.is_ready:
+            return succeed(None)
+        if self.closed:
+            return fail(ConnectionError("the link to the server closed"))
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
     def mark_ready(self) -> None:
         """The queues are announced."""
-        if not self.is_ready:
-            self.is_ready = True
-            self.ready.callback(None)
+        self.is_ready = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
 
     @Release.responder
     def release(self, job: str, release_id: str, printer: str, uri: str) -> Deferred[Any]:
@@ -204,9 +216,10 @@ class ProviderLink(LivenessAMP):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Tell the provider."""
         super().connectionLost(reason)
-        if not self.ready.called:
-            self.ready.errback(Failure(ConnectionError("the link to the server closed")))
-            self.ready.addErrback(lambda _: None)
+        self.closed = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(Failure(ConnectionError("the link to the server closed")))
         self.provider.link_down(self, self.dropReason or reason.getErrorMessage())
 
 
@@ -390,7 +403,16 @@ class Provider(MultiService):
             return
         action = item["action"]
         if action == "hold":
-            if job.state == HELD and job.expires_at != item["expires_at"]:
+            if job.state == RELEASING and job.uuid not in self._deliveries:
+                # The server has no record of our release (restored from a backup):
+                # drop it; the user releases the job again.
+                log.warn(
+                    "job {job}: release {release} unknown to the server; held again",
+                    job=job.uuid,
+                    release=job.release_id,
+                )
+                job = attrs.evolve(job, state=HELD, release_id="", target="", target_uri="")
+            if job.state == HELD:
                 await self.spool.update(attrs.evolve(job, expires_at=item["expires_at"]))
         elif action == "print":
             await self.released(job.uuid, item["release_id"], item["printer"], item["uri"])
@@ -448,7 +470,7 @@ class Provider(MultiService):
             copies=s.copies,
             colour=s.colour,
             duplex=s.duplex,
-            submitted_at=time.time(),
+            submitted_at=now,
             state=PENDING,
             updated_at=now,
         )
@@ -501,7 +523,7 @@ class Provider(MultiService):
             timeout = self.config.server.decision_timeout
             try:
                 if not link.is_ready:
-                    await _with_timeout(link.ready, timeout, self.clock)
+                    await _with_timeout(link.when_ready(), timeout, self.clock)
                 answer = await _with_timeout(
                     link.callRemote(SubmitJob, **job_fields(job)), timeout, self.clock
                 )
@@ -675,7 +697,7 @@ class Provider(MultiService):
         if report:
             kind = {PRINTED: "printed", FAILED: "failed", CANCELLED: "cancelled"}[state]
             await self.spool.add_report(
-                kind, ended, printer=job.target or job.printer, reason=reason, at=time.time()
+                kind, ended, printer=job.target or job.printer, reason=reason, at=now
             )
         await self.spool.finish(ended)
         log.info("job {job} {state}: {reason}", job=job.uuid, state=state, reason=reason)
@@ -782,7 +804,9 @@ class Provider(MultiService):
             reason = f"not printed within {hours:g} hours"
             if job.state == HELD:
                 # The server holds it too: tell it the job is gone (stored first).
-                await self.spool.add_report("cancelled", job, reason=reason, at=time.time())
+                await self.spool.add_report(
+                    "cancelled", job, reason=reason, at=self.clock.seconds()
+                )
             await self._end(job, EXPIRED, reason)
         for job in done:
             await self.spool.remove(job.uuid)
