@@ -16,6 +16,7 @@ import uuid as uuidlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from sqlalchemy import Connection
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
@@ -514,7 +515,7 @@ async def _mapped(work: Awaitable[T]) -> T:
         raise InvalidRequest(str(e)) from None
 
 
-def _thdProviderOrNone(conn: Any, name: str) -> Provider | None:
+def _thdProviderOrNone(conn: Connection, name: str) -> Provider | None:
     try:
         return thdProvider(conn, name)
     except NotFound:
@@ -522,7 +523,7 @@ def _thdProviderOrNone(conn: Any, name: str) -> Provider | None:
 
 
 def thdQueues(
-    conn: Any, site: str, names: Sequence[str]
+    conn: Connection, site: str, names: Sequence[str]
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Which queue names are printers at ``site`` (with their details), and why not."""
     known: list[dict[str, Any]] = []

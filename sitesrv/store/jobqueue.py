@@ -61,8 +61,12 @@ class ProviderJob:
     updated_at: float
 
 
+_FIELDS = tuple(f.name for f in attrs.fields(ProviderJob))
+
+
 def _job(row: Any) -> ProviderJob:
-    values = dict(row._mapping)
+    mapping = row._mapping
+    values = {name: mapping[name] for name in _FIELDS}
     for flag in ("colour", "duplex", "provider_told"):
         values[flag] = bool(values[flag])
     return ProviderJob(**values)
