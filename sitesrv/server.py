@@ -39,6 +39,7 @@ from sitesrv.sitehealth import SKEW_WARNING, SiteMonitor, skew_problem
 from sitesrv.store import Store
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
 from sitesrv.store.devices import Device
+from sitesrv.store.jobqueue import thdCountByState
 from sitesrv.store.outbox import thdPendingCount, thdPrune
 from sitesrv.store.replica import thdReplicaState
 from sitesrv.tls import TLSError
@@ -325,6 +326,9 @@ class Server(MultiService):
                 outbox_pending=await self.store.runRead(thdPendingCount),
             )
         status["problems"] = [*status["problems"], *self.connectors.problems()]
+        # Print providers connected now, and this server's provider jobs by state.
+        status["providers"] = sorted(self.providers.connected())
+        status["jobs"] = await self.store.runRead(thdCountByState)
         return status
 
 
