@@ -1023,6 +1023,13 @@ class IPPServerTests(SynchronousTestCase):
         )
         self.assertEqual(self.status(self.client.ipp(bad)), "client-error-bad-request")
 
+    def test_missingPrinterURI(self) -> None:
+        """Every request names its target (RFC 8011 section 4.1.5)."""
+        bare = Message((2, 0), ipp.OP_GET_PRINTER_ATTRIBUTES, 3, (ipp.operation_attributes(),))
+        answer = self.client.ipp(bare)
+        self.assertEqual(self.status(answer), "client-error-bad-request")
+        self.assertIn("printer-uri", self.message(answer))
+
     def test_badVersion(self) -> None:
         """IPP 3.0 does not exist."""
         answer = self.client.ipp(

@@ -322,6 +322,9 @@ class IPPResource(Resource):
         if message.request_id <= 0:
             raise IPPRequestError(ipp.STATUS_BAD_REQUEST, "request-id must be positive")
         _check_operation_group(message)
+        if message.operation("printer-uri") is None and message.operation("job-uri") is None:
+            # RFC 8011 section 4.1.5: every request names its target.
+            raise IPPRequestError(ipp.STATUS_BAD_REQUEST, "printer-uri is required")
         handler = self._handlers.get(message.code)
         if handler is None:
             operation = ipp.OPERATION_NAMES.get(message.code, f"0x{message.code:04x}")
