@@ -32,6 +32,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.task import LoopingCall
@@ -167,13 +168,16 @@ class ProviderLink(LivenessAMP):
                 protocol_version=PROVIDER_PROTOCOL_VERSION,
                 provider_time=self.provider.clock.seconds(),
             )
+        except (ConnectionDone, ConnectionLost) as e:
+            log.warn("the link to the server closed during the hello: {why}", why=_reason(e))
+            return
         except Exception as e:
-            if self.transport is not None and self.transport.connected:  # type: ignore[attr-defined]
-                log.error(
-                    "the server refused provider {name!r}: {why}",
-                    name=config.name,
-                    why=_reason(e),
-                )
+            # UNKNOWN_PROVIDER, BAD_KEY, VERSION_REFUSED, NOT_SERVING, INVALID_REQUEST:
+            # the server closes the link; ClientService tries again after its backoff.
+            log.error(
+                "the server refused provider {name!r}: {why}", name=config.name, why=_reason(e)
+            )
+            if self.transport is not None:
                 self.transport.loseConnection()
             return
         self.hello = answer
