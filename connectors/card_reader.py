@@ -329,6 +329,9 @@ class ReaderProtocol(Protocol):
 class _ListenFactory(Factory):
     """Builds reader connections for a listening port, refusing peers not allowed."""
 
+    # The service logs what matters; "Starting factory" on each reconnect is noise.
+    noisy = False
+
     def __init__(self, service: CardReaderService) -> None:
         self.service = service
 
@@ -342,6 +345,9 @@ class _ListenFactory(Factory):
 
 class _ConnectFactory(Factory):
     """Builds the connection to a reader that listens."""
+
+    # The service logs what matters; "Starting factory" on each reconnect is noise.
+    noisy = False
 
     def __init__(self, service: CardReaderService) -> None:
         self.service = service

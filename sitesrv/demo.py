@@ -56,6 +56,9 @@ hostname = "localhost"
 token_file = "branch/token"
 """
 
+#: The branch's demo card reader listens here (a swipe is a card number and Enter).
+CARD_READER_PORT = 9294
+
 DEMO_USERS = (
     # username, full name, balance (minor units), card, PIN, password
     ("alice", "Alice Example", 1000, "1001", "1234", "alice-pass"),
@@ -89,6 +92,16 @@ def _thdSeed(conn: Any, now: float) -> dict[str, str] | None:
         conn, "branch-colour", SITE_NAME, 10, 50, now, duplex_discount=10, hold=True
     )
     key = devices.thdAddDevice(conn, "branch-mfd", SITE_NAME, "http", now, printer="branch-colour")
+    # A network card reader at the branch: connect to it and type a card number.
+    devices.thdAddDevice(
+        conn,
+        "branch-reader",
+        SITE_NAME,
+        "card-reader",
+        now,
+        printer="branch-colour",
+        options={"listen": f"tcp:{CARD_READER_PORT}:interface=127.0.0.1", "feedback": "line"},
+    )
     policies.thdSetPolicy(conn, "offline.allowance", "5.00", now, site=SITE_NAME)
     thdAudit(conn, "demo", "demo.seed", PRIMARY_NAME, now)
     return {"token": token, "key": key}
@@ -121,6 +134,8 @@ def cheat_sheet(key: str) -> str:
                         -d '{{"card": "1001", "pin": "1234"}}' {api}/sessions
          Copy charge: curl -s {auth} \\
                         -d '{{"kind": "copy", "pages": 3}}' {api}/sessions/SESSION/usage
+         Card reader: nc 127.0.0.1 {CARD_READER_PORT}   then type 1001 and Enter: a swipe
+                      releases alice's held jobs (answers "OK 0 jobs")
          Ledger:      {primary} transactions list --user alice
          Outbox:      {site} outbox show
          Demo users:  alice (card 1001, PIN 1234, balance 10.00, password alice-pass)
