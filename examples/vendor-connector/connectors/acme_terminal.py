@@ -206,6 +206,9 @@ class TerminalProtocol(LineReceiver):
 class TerminalFactory(Factory):
     """Builds terminal connections, refusing peers outside ``allow``."""
 
+    # The service logs what matters; "Starting factory" on each reconnect is noise.
+    noisy = False
+
     def __init__(self, service: TerminalService) -> None:
         self.service = service
 
