@@ -16,8 +16,9 @@ view = replicated balance + its own records above ``applied_seq``).
 
 Scenarios: a partition by close and by black-hole during steady charging; ``kill -9`` of
 the primary and of the site while the site drains a backlog; a flapping link; a site
-restarted during an outage; the primary restored from an older backup; a user removed
-at the primary while a site charged them offline; two sites charging one user offline.
+restarted during an outage; the primary restored from an older backup (with charges
+while the site re-snapshots); a user removed at the primary while a site charged them
+offline; two sites charging one user offline; a backlog over a slow, throttled link.
 Clock jumps cannot be made for real processes, so they are covered in-process with a
 ``task.Clock`` and an injected monotonic clock (`LivenessClockTests`).
 """
@@ -28,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import sqlite3
 import time
 import uuid as uuidlib
@@ -49,6 +51,7 @@ from twisted.web.http_headers import Headers
 
 from sitesrv.replication.liveness import MISSED_BEATS, LivenessAMP
 from sitesrv.testing.faultproxy import FaultProxy
+from tests import processes
 from tests.processes import (
     CLEAN_EXITS,
     Health,
@@ -99,6 +102,42 @@ def _skip_without_twistd() -> None:
         _unavailable.append(twistd_unavailable())
     if _unavailable[0] is not None:
         raise SkipTest(_unavailable[0])
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel picks outgoing connections' local ports from."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            low, high = (int(word) for word in f.read().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+_port_choice = random.Random()
+#: The usual way (`quiet_port` stands in for it in `processes` during these tests).
+_any_free_port = processes.free_port
+
+
+def quiet_port() -> int:
+    """A free port on 127.0.0.1 outside the ephemeral range.
+
+    `free_port` answers a port from the ephemeral range, which any outgoing connection
+    (these tests make hundreds a second) may take before the server binds it; a port
+    below the range is only ever taken by a deliberate bind.
+    """
+    low, high = _ephemeral_ports()
+    below, above = (10_000, low), (high + 1, 65_536)
+    span = below if below[1] - below[0] >= above[1] - above[0] else above
+    for _ in range(100):
+        port = _port_choice.randrange(*span)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return _any_free_port()
 
 
 # -- what the devices were told ---------------------------------------------------------
@@ -364,6 +403,8 @@ class FaultTestCase(TestCase):
         policies: Iterable[tuple[str, str]] = (),
     ) -> Rig:
         """Set up and start a primary and ``sites``, each online through its own proxy."""
+        # Every port a server or proxy binds is out of the way of outgoing connections.
+        self.patch(processes, "free_port", quiet_port)
         primary = write_primary_config(self.directory, "hq", heartbeat=HEARTBEAT)
         tls_init(primary)
         assert primary.replication_port is not None
@@ -375,7 +416,7 @@ class FaultTestCase(TestCase):
         prepared = []
         for name in sites:
             proxy = FaultProxy("127.0.0.1", primary.replication_port, reactor=reactor)
-            proxy.listen(0)
+            proxy.listen(quiet_port())
             self.addCleanup(proxy.stop)
             # The site's endpoint is the proxy; TLS still checks the primary's certificate.
             via_proxy = attrs.evolve(primary, replication_port=proxy.port)
@@ -483,6 +524,7 @@ class FaultTestCase(TestCase):
                 f"balance of {account!r}: opening less the acknowledged charges",
             )
         self.assertEqual(charges.miscounted, [], "balances shown by the site, counted wrong")
+        self.assertEqual(_rows(db, "SELECT site, uuid, error FROM dead_letters"), [])
 
     async def offline(self, site: SiteRig) -> float:
         """Wait until the site reports offline; how long that took."""
