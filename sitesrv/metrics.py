@@ -35,7 +35,16 @@ AUTH_METHODS = ("card", "card+pin", "password")
 #: ("error", for an unexpected failure, appears only when one happens.)
 AUTH_RESULTS = ("accepted", "refused", "unavailable")
 #: Job events the Find-Me queue and the providers count (others may be added).
-JOB_EVENTS = ("held", "released", "printed", "denied", "failed", "expired", "cancelled")
+JOB_EVENTS = (
+    "held",
+    "direct",
+    "released",
+    "printed",
+    "denied",
+    "failed",
+    "expired",
+    "cancelled",
+)
 #: Operations of the gate whose latency is measured.
 GATE_OPERATIONS = ("card", "password", "may_release", "charge", "balance")
 

@@ -106,6 +106,7 @@ class Server(MultiService):
             hold_seconds=config.providers.hold_hours * 3600.0,
         )
         self.findme.setServiceParent(self)
+        self.findme.on_event = lambda event: self.metrics.jobs.labels(event=event).inc()
         self.providers = ProviderService(
             self.findme,
             self.gate,

@@ -409,6 +409,17 @@ class ReleaseTests(FindMeFixture):
         self.assertEqual((again.charged, again.recorded), (10, False))
         self.assertEqual(len(self.charges()), 1)
 
+    def test_job_events_for_metrics(self) -> None:
+        """Each job event is reported once (the server counts them in /metrics)."""
+        events: list[str] = []
+        self.findme.on_event = events.append
+        self.hold(1)
+        self.ok(self.findme.release(self.identity(), "north-hold"))
+        release_id = self.links.releases[0][2]
+        self.report_printed(1, release_id)
+        self.report_printed(1, release_id)  # a resent report is not a second print
+        self.assertEqual(events, ["held", "released", "printed"])
+
     def test_recheck_at_release(self) -> None:
         """With 1.00, ten held 1.00 jobs: one releases, nine stay held with the reason."""
         self.hold(*range(1, 11), pages=10)

@@ -813,6 +813,9 @@ class FindMe(Service):
         self.hold_seconds = hold_seconds
         self.purge_after = purge_after
         self.links: ProviderLinks = NoProviders()
+        #: Told of each job event (held, denied, released, printed, failed, cancelled,
+        #: expired): the server counts them in its metrics.
+        self.on_event: Callable[[str], None] = lambda event: None
         self._timer: IDelayedCall | None = None
         self._checking = False
         self._last_purge = -math.inf
@@ -850,6 +853,7 @@ class FindMe(Service):
         )
         if decision.decision == "hold":
             self._schedule(decision.expires_at)
+        self.on_event({"hold": "held", "deny": "denied"}.get(decision.decision, "direct"))
         return decision
 
     async def announceHeld(self, provider: str, jobs: Sequence[AnnouncedJob]) -> list[HeldAnswer]:
@@ -943,6 +947,8 @@ class FindMe(Service):
             cost=cost,
             again="" if result.recorded else " (already recorded)",
         )
+        if result.recorded:
+            self.on_event("printed")
         return PrintedResult(cost, result.recorded)
 
     async def failed(self, provider: str, job: str, release_id: str, reason: str) -> None:
@@ -950,6 +956,7 @@ class FindMe(Service):
         ended = await self.write(
             thdEndJob, provider, job, FAILED, reason or "delivery failed", self.clock.seconds()
         )
+        self.on_event("failed")
         log.info(
             "job {job} failed at provider {provider!r} (release {release}): {reason}",
             job=job,
@@ -971,6 +978,7 @@ class FindMe(Service):
             reason or "cancelled at the print provider",
             self.clock.seconds(),
         )
+        self.on_event("cancelled")
         log.info(
             "job {job} cancelled at provider {provider!r}: {reason}",
             job=job,
@@ -1035,6 +1043,8 @@ class FindMe(Service):
         for push in pushes:
             self._push(push)
         for outcome in outcomes:
+            if outcome.released:
+                self.on_event("released")
             log.info(
                 "release of job {job} by {user!r} to {printer!r}: {what} ({reason})",
                 job=outcome.job,
@@ -1081,6 +1091,7 @@ class FindMe(Service):
             self.clock.seconds(),
         )
         for job in jobs:
+            self.on_event("cancelled")
             log.info("job {job} cancelled by {user!r}", job=job.uuid, user=job.username)
         self._tell({j.provider for j in jobs})
         return len(jobs)
@@ -1133,6 +1144,7 @@ class FindMe(Service):
             now = self.clock.seconds()
             expired: list[ProviderJob] = await self.write(thdExpire, now)
             for job in expired:
+                self.on_event("expired")
                 log.info(
                     "job {job} of {user!r} expired (due at {due}, was {state})",
                     job=job.uuid,
