@@ -25,6 +25,7 @@ Clock jumps cannot be made for real processes, so they are covered in-process wi
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -523,6 +524,20 @@ class FaultTestCase(TestCase):
                 rig.opening.get(account, 0) - charges.cost(account),
                 f"balance of {account!r}: opening less the acknowledged charges",
             )
+            # Each entry's balance follows from the one before, and the last is the balance.
+            entries = _rows(
+                db,
+                "SELECT t.uuid, t.amount, t.balance_after FROM transactions t"
+                " JOIN accounts a ON a.id = t.account_id WHERE a.name = ? ORDER BY t.id",
+                account,
+            )
+            broken = [
+                (after[0], before[2], after[1], after[2])
+                for before, after in itertools.pairwise(entries)
+                if before[2] + after[1] != after[2]
+            ]
+            self.assertEqual(broken, [], f"{account!r}: (uuid, previous, amount, after)")
+            self.assertEqual(entries[-1][2], balances[account], f"{account!r}: last entry")
         self.assertEqual(charges.miscounted, [], "balances shown by the site, counted wrong")
         self.assertEqual(_rows(db, "SELECT site, uuid, error FROM dead_letters"), [])
 
