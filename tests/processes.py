@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -80,8 +81,37 @@ class WaitTimeout(AssertionError):
 # -- ports and configs ------------------------------------------------------------------
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel picks outgoing connections' local ports from."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            low, high = (int(word) for word in f.read().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+_port_choice = random.Random()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then closed)."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, outside the ephemeral range.
+
+    A port from the ephemeral range (what binding port 0 gives) may be taken by any
+    outgoing connection before the server binds it; one below the range is only ever
+    taken by a deliberate bind.
+    """
+    low, high = _ephemeral_ports()
+    below, above = (10_000, low), (high + 1, 65_536)
+    span = below if below[1] - below[0] >= above[1] - above[0] else above
+    for _ in range(100):
+        port = _port_choice.randrange(*span)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -30,7 +30,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import sqlite3
 import time
 import uuid as uuidlib
@@ -52,7 +51,6 @@ from twisted.web.http_headers import Headers
 
 from sitesrv.replication.liveness import MISSED_BEATS, LivenessAMP
 from sitesrv.testing.faultproxy import FaultProxy
-from tests import processes
 from tests.processes import (
     CLEAN_EXITS,
     Health,
@@ -63,6 +61,7 @@ from tests.processes import (
     admin_sync,
     connect_readonly,
     enrol,
+    free_port,
     reactor,
     scalar,
     sleep,
@@ -103,42 +102,6 @@ def _skip_without_twistd() -> None:
         _unavailable.append(twistd_unavailable())
     if _unavailable[0] is not None:
         raise SkipTest(_unavailable[0])
-
-
-def _ephemeral_ports() -> tuple[int, int]:
-    """The range the kernel picks outgoing connections' local ports from."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
-            low, high = (int(word) for word in f.read().split())
-    except (OSError, ValueError):
-        return 32768, 60999
-    return low, high
-
-
-_port_choice = random.Random()
-#: The usual way (`quiet_port` stands in for it in `processes` during these tests).
-_any_free_port = processes.free_port
-
-
-def quiet_port() -> int:
-    """A free port on 127.0.0.1 outside the ephemeral range.
-
-    `free_port` answers a port from the ephemeral range, which any outgoing connection
-    (these tests make hundreds a second) may take before the server binds it; a port
-    below the range is only ever taken by a deliberate bind.
-    """
-    low, high = _ephemeral_ports()
-    below, above = (10_000, low), (high + 1, 65_536)
-    span = below if below[1] - below[0] >= above[1] - above[0] else above
-    for _ in range(100):
-        port = _port_choice.randrange(*span)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return _any_free_port()
 
 
 # -- what the devices were told ---------------------------------------------------------
@@ -405,7 +368,6 @@ class FaultTestCase(TestCase):
     ) -> Rig:
         """Set up and start a primary and ``sites``, each online through its own proxy."""
         # Every port a server or proxy binds is out of the way of outgoing connections.
-        self.patch(processes, "free_port", quiet_port)
         primary = write_primary_config(self.directory, "hq", heartbeat=HEARTBEAT)
         tls_init(primary)
         assert primary.replication_port is not None
@@ -417,7 +379,7 @@ class FaultTestCase(TestCase):
         prepared = []
         for name in sites:
             proxy = FaultProxy("127.0.0.1", primary.replication_port, reactor=reactor)
-            proxy.listen(quiet_port())
+            proxy.listen(free_port())
             self.addCleanup(proxy.stop)
             # The site's endpoint is the proxy; TLS still checks the primary's certificate.
             via_proxy = attrs.evolve(primary, replication_port=proxy.port)
