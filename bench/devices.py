@@ -52,6 +52,7 @@ import io
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -142,21 +143,30 @@ def summary(latencies: list[float]) -> dict[str, Any]:
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` different loopback ports that were free a moment ago.
+    """``count`` different loopback ports, free a moment ago, below the ephemeral range.
 
-    All are held open until all are picked, so the kernel cannot hand one out twice.
-    Outside the ephemeral range would be safer still, but needs a range nobody else uses.
+    A port from the ephemeral range (what binding port 0 gives) may be taken by any
+    outgoing connection, such as one of this benchmark's own hundreds, before the
+    server binds it; one below the range is only ever taken by a deliberate bind.
     """
-    sockets = []
     try:
-        for _ in range(count):
-            s = socket.socket()
-            sockets.append(s)
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    candidates = list(range(10_000, max(low, 10_000 + 4 * count)))
+    random.shuffle(candidates)
+    picked: list[int] = []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        picked.append(port)
+        if len(picked) == count:
+            return picked
+    raise RuntimeError(f"fewer than {count} free ports below {low}")
 
 
 def machine() -> dict[str, Any]:
