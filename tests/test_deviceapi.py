@@ -262,6 +262,15 @@ class APITestCase(SynchronousTestCase):
             "north-mfd": write(
                 thdAddDevice, "north-mfd", "north", "http", NOW, printer="north-p1"
             ),
+            "reader": write(
+                thdAddDevice,
+                "reader",
+                "hq",
+                "card-reader",
+                NOW,
+                printer="p1",
+                options={"listen": "tcp:4000"},
+            ),
         }
         self.gate = self.gate_over(self.store, "primary", "hq", None)
         self.api = DeviceAPI(self.gate, inline(self.store), self.clock)
@@ -435,6 +444,13 @@ class DeviceKeyTests(APITestCase):
             self.assertEqual(
                 self.fails(401, "GET", "sessions/whatever", key=key), "unknown device API key"
             )
+
+    def test_other_connectors_key(self) -> None:
+        """A card reader's key is not a key to this API: 403 naming the device."""
+        self.assertEqual(
+            self.fails(403, "POST", "sessions", {"card": "1001"}, key=self.keys["reader"]),
+            "device 'reader' does not use the http connector",
+        )
 
     def test_openapi_needs_no_key(self) -> None:
         """The document is public; it is the same document ``openapi()`` returns."""

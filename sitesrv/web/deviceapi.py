@@ -187,6 +187,10 @@ class DeviceAPI(Resource):
         device: Device | None = await self.read(thdDeviceByKey, key.strip())
         if device is None or device.site != self.gate.site:
             raise HTTPError(401, "unknown device API key")
+        if device.connector != "http":
+            # A card reader's (or a vendor connector's) key is not a licence to use this
+            # API: only devices set up for it are.
+            raise HTTPError(403, f"device {device.name!r} does not use the http connector")
         return device
 
     def _session(self, session_id: str, device: Device) -> Session:
@@ -316,6 +320,7 @@ def openapi() -> dict[str, Any]:
     errors = {
         "400": answer("malformed request", error),
         "401": answer("bad device key or failed login", error),
+        "403": answer("the device does not use the http connector, or a policy refuses", error),
         "404": answer("no such session", error),
         "503": answer("site not serving (unsynced or revoked)", error),
     }
