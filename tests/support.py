@@ -14,6 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, execute, succeed
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump
+from twisted.trial.unittest import SkipTest
 
 from sitesrv.store import Store
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
@@ -61,9 +62,7 @@ class StoreMixin:
             return sqlite_url(self)
         url = postgres_url()
         if url is None:
-            raise self.skipException(  # type: ignore[attr-defined]
-                f"PostgreSQL not configured: set {POSTGRES_ENV} (CI does)"
-            )
+            raise SkipTest(f"PostgreSQL not configured: set {POSTGRES_ENV} (CI does)")
         reset_postgres(url)
         return url
 
