@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sitesrv.core.auth import Identity
-from sitesrv.core.gate import Gate, JobInfo, Refused
+from sitesrv.core.gate import Gate, JobInfo, Refused, account_user
 from sitesrv.costing import job_cost
 from sitesrv.errors import InsufficientFunds, Invalid, NotFound, SitesrvError
 from sitesrv.interfaces import IFindMe
@@ -753,21 +753,7 @@ def thdEndJob(
 
 def _suspense_identity(account: ledger.Account, username: str) -> Identity:
     """Who pays for a printed job whose owner cannot: the Suspense account."""
-    return Identity(
-        User(
-            id=0,
-            username=username,
-            full_name="",
-            email="",
-            disabled=False,
-            has_pin=False,
-            account_id=account.id,
-            balance=account.balance,
-            restricted=account.restricted,
-            credit_limit=account.credit_limit,
-        ),
-        "provider",
-    )
+    return Identity(account_user(account, username), "provider")
 
 
 def _held(job: ProviderJob) -> HeldJob:

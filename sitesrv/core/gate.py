@@ -63,9 +63,12 @@ class ChargeResult:
     recorded: bool = True
 
 
-def _offline_user(account: ledger.Account, label: str) -> User:
-    # Who a charge belongs to when an unknown card is accepted offline: nobody, but the
-    # Offline Account pays.
+def account_user(account: ledger.Account, label: str) -> User:
+    """A stand-in user whose charges a shared account pays (no personal account).
+
+    Used when an unknown card is accepted offline (the Offline Account pays) and for a
+    printed job whose owner cannot pay (the Suspense account does).
+    """
     return User(
         id=0,
         username=label,
@@ -279,7 +282,7 @@ class Gate:
             if await self._policy("offline.unknown_card") != "offline-account":
                 raise
             account = await self.read(ledger.thdAccount, ledger.OFFLINE_ACCOUNT)
-            return Identity(_offline_user(account, f"card:{number[:40]}"), "card")
+            return Identity(account_user(account, f"card:{number[:40]}"), "card")
 
     async def password(self, username: str, password: str, device: str = "") -> Identity:
         """Authenticate by username and password; offline only if the policy allows."""
