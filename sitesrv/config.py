@@ -622,35 +622,48 @@ def _build(values: dict[str, Any], path: str) -> Config:
     )
 
 
-def _build_primary(values: dict[str, Any], resolve: Callable[[str], str]) -> PrimaryLink:
+def _link_trust(
+    table: str, peer: str, values: dict[str, Any], resolve: Callable[[str], str]
+) -> dict[str, Any]:
+    """Check a client link's TLS trust keys (ca / fingerprint / insecure, hostname).
+
+    Shared by a site's ``[primary]`` table and the print provider's ``[server]``; returns
+    the resolved ``ca``, ``fingerprint``, ``hostname`` and ``insecure``.
+    """
     insecure = values.get("insecure", False)
     trust = [k for k in ("ca", "fingerprint") if k in values]
     if insecure and trust:
         raise _Problem(
-            f"primary.{trust[0]}", "cannot be used with insecure = true (plain TCP, no TLS)"
+            f"{table}.{trust[0]}", "cannot be used with insecure = true (plain TCP, no TLS)"
         )
     if not insecure and len(trust) == 2:
-        raise _Problem("primary.fingerprint", "give either ca or fingerprint, not both")
+        raise _Problem(f"{table}.fingerprint", "give either ca or fingerprint, not both")
     if not insecure and not trust:
         raise _Problem(
-            "primary.ca",
-            "give ca (the primary's CA certificate) or fingerprint (its certificate's SHA-256),"
-            " or insecure = true for plain TCP",
+            f"{table}.ca",
+            f"give ca (the {peer}'s CA certificate) or fingerprint (its certificate's"
+            " SHA-256), or insecure = true for plain TCP",
         )
     hostname = values.get("hostname") or _endpoint_host(values["endpoint"])
     if hostname is None and not insecure:
         raise _Problem(
-            "primary.hostname",
-            "required when endpoint is not tcp:HOST:PORT (the name to verify the primary's"
+            f"{table}.hostname",
+            f"required when endpoint is not tcp:HOST:PORT (the name to verify the {peer}'s"
             " certificate against)",
         )
+    return {
+        "ca": resolve(values["ca"]) if "ca" in values else None,
+        "fingerprint": values.get("fingerprint"),
+        "hostname": hostname,
+        "insecure": insecure,
+    }
+
+
+def _build_primary(values: dict[str, Any], resolve: Callable[[str], str]) -> PrimaryLink:
     return PrimaryLink(
         endpoint=values["endpoint"],
         token_file=resolve(values["token_file"]),
-        ca=resolve(values["ca"]) if "ca" in values else None,
-        fingerprint=values.get("fingerprint"),
-        hostname=hostname,
-        insecure=insecure,
+        **_link_trust("primary", "primary", values, resolve),
     )
 
 

@@ -23,10 +23,10 @@ from sitesrv.config import (
     _check_table,
     _client_endpoint,
     _endpoint_check,
-    _endpoint_host,
     _fingerprint,
     _in_range,
     _Key,
+    _link_trust,
     _matches,
     _not_empty,
     _one_of,
@@ -293,34 +293,10 @@ def _build(
 
 def _build_server(values: dict[str, Any], resolve: Callable[[str], str]) -> ServerLink:
     # The same trust rules as a site's [primary] table.
-    insecure = values.get("insecure", False)
-    trust = [k for k in ("ca", "fingerprint") if k in values]
-    if insecure and trust:
-        raise _Problem(
-            f"server.{trust[0]}", "cannot be used with insecure = true (plain TCP, no TLS)"
-        )
-    if not insecure and len(trust) == 2:
-        raise _Problem("server.fingerprint", "give either ca or fingerprint, not both")
-    if not insecure and not trust:
-        raise _Problem(
-            "server.ca",
-            "give ca (the server's CA certificate) or fingerprint (its certificate's SHA-256),"
-            " or insecure = true for plain TCP",
-        )
-    hostname = values.get("hostname") or _endpoint_host(values["endpoint"])
-    if hostname is None and not insecure:
-        raise _Problem(
-            "server.hostname",
-            "required when endpoint is not tcp:HOST:PORT (the name to verify the server's"
-            " certificate against)",
-        )
     return ServerLink(
         endpoint=values["endpoint"],
         key_file=resolve(values["key_file"]),
-        ca=resolve(values["ca"]) if "ca" in values else None,
-        fingerprint=values.get("fingerprint"),
-        hostname=hostname,
-        insecure=insecure,
+        **_link_trust("server", "server", values, resolve),
         decision_timeout=values.get("decision_timeout", 10.0),
         max_backoff=values.get("max_backoff", 30.0),
     )
