@@ -945,16 +945,18 @@ class LivenessClockTests(SynchronousTestCase):
         self.assertEqual(transport.value().count(b"Heartbeat"), 5)
 
     def test_real_silence_drops(self) -> None:
-        """Real (monotonic) silence past three intervals drops the peer at the next tick."""
+        """Real (monotonic) silence of three intervals drops the peer at the next check."""
         clock, monotonic, probe, transport = self.link()
-        for _ in range(MISSED_BEATS):
+        for _ in range(MISSED_BEATS - 1):
             monotonic[0] += self.interval
             clock.advance(self.interval)
-        self.assertIsNone(probe.silent, "dropped after only three silent intervals")
-        # The wall clock moves one interval, but half an interval more really passed.
-        monotonic[0] += 1.5 * self.interval
-        clock.advance(self.interval)
-        self.assertEqual(probe.silent, "peer silent for 4.5 s (heartbeat 1.0 s)")
+        monotonic[0] += 0.75 * self.interval
+        clock.advance(0.75 * self.interval)
+        self.assertIsNone(probe.silent, "dropped before three silent intervals")
+        # The wall clock moves a quarter interval, but half an interval more really passed.
+        monotonic[0] += 0.75 * self.interval
+        clock.advance(0.25 * self.interval)
+        self.assertEqual(probe.silent, "peer silent for 3.5 s (heartbeat 1.0 s)")
         self.assertTrue(transport.disconnected)
 
     def test_bytes_keep_alive_through_jumps(self) -> None:

@@ -749,10 +749,11 @@ class HeartbeatTests(ReplicationTestCase):
     def test_site_drops_a_silent_primary(self) -> None:
         north, wire = self.synced_north()
         wire.to_client = False  # the primary's bytes stop arriving
-        self.advance(3 * BEAT)
+        self.advance(2.5 * BEAT)
         self.assertFalse(wire.closed)
         self.assertEqual(north.mode, "online")
-        self.advance(BEAT)
+        # Dropped within a quarter interval of the third silent one.
+        self.advance(0.75 * BEAT)
         self.assertTrue(wire.closed)
         self.assertEqual(north.mode, "offline")
         last = north.failover.core.history[0]
@@ -765,10 +766,10 @@ class HeartbeatTests(ReplicationTestCase):
     def test_primary_drops_a_silent_site(self) -> None:
         north, wire = self.synced_north()
         wire.to_server = False  # the site's bytes stop arriving
-        self.advance(3 * BEAT)
+        self.advance(2.5 * BEAT)
         self.assertFalse(wire.closed)
         self.assertIn("north", self.service.sessions)
-        self.advance(BEAT)
+        self.advance(0.75 * BEAT)
         self.assertTrue(wire.closed)
         self.assertEqual(self.service.sessions, {})
         self.assertIn("peer silent", wire.server.dropReason)

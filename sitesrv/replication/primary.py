@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore, gatherResults
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -81,6 +81,8 @@ BATCH_ROWS = 5_000
 SNAPSHOT_WINDOW = 4
 #: Snapshots served at once (each holds a database connection open).
 MAX_SNAPSHOTS = 2
+#: Seconds a connection may take to say hello (TLS handshake included).
+HELLO_TIMEOUT = 30.0
 #: How often the change-log head is polled, seconds.
 POLL_INTERVAL = 0.05
 #: How often a session writes the site's position to ``site_links``, seconds.
@@ -125,6 +127,8 @@ class SiteSession(LivenessAMP):
         self.store = service.store
         self._last_link_write = 0.0
         self._snapshot: Snapshot | None = None
+        self._helloTimer: IDelayedCall | None = None
+        self._applying = DeferredLock()
 
     # -- hello ----------------------------------------------------------------------
 
@@ -332,7 +336,11 @@ class SiteSession(LivenessAMP):
     async def _submitOutbox(self, records: bytes) -> dict[str, Any]:
         site = self._require_site()
         batch = codec.unpack(records, self.protocol_version)
-        applied = await self.store.runWrite(thdApplyOutbox, site, batch, self.clock.seconds())
+        # One batch at a time per site, in the order they came: a later batch committed
+        # first would move applied_seq past records not yet applied.
+        applied = await self._applying.run(
+            lambda: self.store.runWrite(thdApplyOutbox, site, batch, self.clock.seconds())
+        )
         # The applied batch changed the change log: tell every site now, not at the next poll.
         self.service.poll()
         return {"applied_seq": applied}
@@ -454,8 +462,23 @@ class SiteSession(LivenessAMP):
         log.warn("site {site!r} revoked: closing its link", site=self.site)
         self._drop("revoked")
 
+    def connectionMade(self) -> None:
+        """Give the site a while to say hello (a stalled client must not hold a socket)."""
+        super().connectionMade()
+        self._helloTimer = self.clock.callLater(HELLO_TIMEOUT, self._helloTimedOut)
+
+    def _helloTimedOut(self) -> None:
+        self._helloTimer = None
+        if self.site is None:
+            log.warn("closing a replication connection from {peer}: no hello", peer=self._peer())
+            self.dropReason = "no hello"
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Forget the session and record the link as down."""
+        if self._helloTimer is not None and self._helloTimer.active():
+            self._helloTimer.cancel()
         super().connectionLost(reason)
         if self.site is not None and self.service.detach(self):
             log.info(

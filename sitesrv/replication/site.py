@@ -18,14 +18,21 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorTime,
+    ISSLTransport,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 import sitesrv
 from sitesrv.config import PrimaryLink
@@ -67,7 +74,9 @@ log = Logger()
 #: Most changes held while waiting for the rest of one primary transaction.
 MAX_HELD = 200_000
 #: Outbox records read per submission round.
-DRAIN_RECORDS = 2_000
+DRAIN_RECORDS = 5_000
+#: Seconds a new connection may take to complete its TLS handshake and hello.
+HELLO_TIMEOUT = 10.0
 #: Largest token file accepted.
 MAX_TOKEN = 1024
 
@@ -90,6 +99,7 @@ def read_token(path: str) -> str:
     return token
 
 
+@implementer(IHandshakeListener)
 class PrimaryLinkProtocol(LivenessAMP):
     """One connection from a site to its primary."""
 
@@ -106,6 +116,7 @@ class PrimaryLinkProtocol(LivenessAMP):
         self._snapshot: dict[str, Any] | None = None
         self._snapshotDone: Deferred[None] | None = None
         self._closedReason: str | None = None
+        self._helloTimer: IDelayedCall | None = None
         self._draining = False
         self._drainAgain = False
         # The highest sequence number the primary acknowledged on this connection.
@@ -119,10 +130,31 @@ class PrimaryLinkProtocol(LivenessAMP):
     # -- connecting -----------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        """Say hello, then sync."""
+        """Say hello once the link is ready (after the TLS handshake), then sync."""
         super().connectionMade()
+        # A black-holed network can stall the handshake or the hello for ever: give up
+        # and let ClientService try a new connection.
+        self._helloTimer = self.clock.callLater(HELLO_TIMEOUT, self._helloTimedOut)
+        if not ISSLTransport.providedBy(self.transport):
+            self._start()
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: only now say hello, so its clock reading is not stale by the
+        handshake's duration (the primary measures clock skew from it)."""
+        self._start()
+
+    def _start(self) -> None:
         d = Deferred.fromCoroutine(self._run())
         d.addErrback(self._runFailed)
+
+    def _helloTimedOut(self) -> None:
+        self._helloTimer = None
+        if self.hello is None:
+            reason = f"no answer to hello within {HELLO_TIMEOUT:g} s"
+            log.warn("{reason}; trying a new connection", reason=reason)
+            self._closedReason = reason
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _runFailed(self, failure: Failure) -> None:
         if self._closedReason is not None:
@@ -184,6 +216,8 @@ class PrimaryLinkProtocol(LivenessAMP):
             self._refused(str(e), revoked=False)
             return
         self.hello = hello
+        if self._helloTimer is not None and self._helloTimer.active():
+            self._helloTimer.cancel()
         self.primaryHead = hello["head"]
         skew = time.time() - hello["primary_time"]
         self.replication.skew = skew
@@ -244,9 +278,19 @@ class PrimaryLinkProtocol(LivenessAMP):
                         return
                     continue
                 payloads = [p.payload for p in pending]
-                for value in codec.pack(payloads, self.replication.protocol_version):
-                    answer = await self.callRemote(SubmitOutbox, records=value)
-                    self._acked = max(self._acked, answer["applied_seq"])
+                # All of a round's batches at once: the primary applies them in order
+                # (one at a time per site) while the next ones are on the wire.
+                try:
+                    answers = await gatherResults(
+                        [
+                            self.callRemote(SubmitOutbox, records=value)
+                            for value in codec.pack(payloads, self.replication.protocol_version)
+                        ],
+                        consumeErrors=True,
+                    )
+                except FirstError as e:
+                    e.subFailure.raiseException()
+                self._acked = max(self._acked, *(a["applied_seq"] for a in answers))
                 self.observer.outboxSubmitted(len(payloads), self._acked)
         finally:
             self._draining = False
@@ -360,6 +404,12 @@ class PrimaryLinkProtocol(LivenessAMP):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Tell the observer the link is gone and why."""
+        if self._helloTimer is not None and self._helloTimer.active():
+            self._helloTimer.cancel()
+        if self.hello is None and self._closedReason is None:
+            # Closed before the hello was answered: a TLS handshake failure arrives only
+            # here (the hello waits for the handshake). Say why, as for any failure.
+            self._runFailed(reason)
         super().connectionLost(reason)
         if self.replication.current is self:
             self.replication.current = None
