@@ -129,7 +129,7 @@ class Server(MultiService):
             on_connections=lambda name, n: self.metrics.connector_connections.labels(name).set(n),
         )
         self.connectors.setServiceParent(self)
-        root = make_root(self, self.gate, store.runRead, reactor)
+        root = make_root(self, self.gate, store.runRead, reactor, self.findme)
         self._mountMonitoring(root)
         self.site = MeasuredSite(root, self.metrics)
         self.web = strports.service(config.listen.web, self.site, reactor=reactor)

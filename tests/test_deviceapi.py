@@ -18,6 +18,7 @@ import io
 import json
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -31,12 +32,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from sitesrv.core.auth import Authenticator, FailureThrottle, run_inline
+from sitesrv.core.findme import FindMe
 from sitesrv.core.gate import Gate
 from sitesrv.failover import Failover
 from sitesrv.secrets import make_verifier
 from sitesrv.store import Store, outbox, replica
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
-from sitesrv.store.devices import thdAddDevice
+from sitesrv.store.devices import thdAddDevice, thdAddProvider
 from sitesrv.store.jobs import thdListJobs
 from sitesrv.store.ledger import OFFLINE_ACCOUNT, thdListTransactions
 from sitesrv.store.policies import thdSetPolicy
@@ -45,9 +47,17 @@ from sitesrv.store.sites import thdAddSite
 from sitesrv.store.snapshot import Snapshot
 from sitesrv.store.users import thdAddCard, thdAddUser, thdSetPin, thdUser
 from sitesrv.web import deviceapi
-from sitesrv.web.deviceapi import MAX_BODY, MAX_PAGES, SESSION_IDLE, DeviceAPI, openapi
+from sitesrv.web.deviceapi import (
+    MAX_BODY,
+    MAX_JOBS,
+    MAX_PAGES,
+    SESSION_IDLE,
+    DeviceAPI,
+    openapi,
+)
 from sitesrv.web.root import make_root
 from tests.support import NOW, sqlite_url
+from tests.test_findme import FakeLinks, details, uuid_of
 
 #: Cheap scrypt cost for test verifiers (the real cost is 2**14).
 CHEAP_N = 2**10
@@ -73,6 +83,9 @@ ROUTES = (
     ("get", "/sessions/{id}"),
     ("delete", "/sessions/{id}"),
     ("post", "/sessions/{id}/usage"),
+    ("get", "/sessions/{id}/jobs"),
+    ("post", "/sessions/{id}/release"),
+    ("post", "/sessions/{id}/cancel"),
 )
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
@@ -143,6 +156,9 @@ def schema_problems(
     return problems
 
 
+SUBRESOURCES = ("usage", "jobs", "release", "cancel")
+
+
 def template(path: str) -> str | None:
     """The OpenAPI path template a request path falls under, if any."""
     parts = path.strip("/").split("/")
@@ -150,8 +166,8 @@ def template(path: str) -> str | None:
         return "/" + parts[0]
     if len(parts) == 2 and parts[0] == "sessions":
         return "/sessions/{id}"
-    if len(parts) == 3 and parts[0] == "sessions" and parts[2] == "usage":
-        return "/sessions/{id}/usage"
+    if len(parts) == 3 and parts[0] == "sessions" and parts[2] in SUBRESOURCES:
+        return "/sessions/{id}/" + parts[2]
     return None
 
 
@@ -235,6 +251,9 @@ class APITestCase(SynchronousTestCase):
     Printers p1 (hq) and north-p1 (north): 0.10 mono, 0.50 colour, 10% off duplex.
     alice: 5.00, restricted, card 1001 with PIN 4321, a password. bob: 0.20, card 2002.
     Devices: mfd and mfd-2 (hq, p1), scanner (hq, no printer), north-mfd (north).
+    Hold/release printers hold1 (hq) and north-hold (north), same prices, fed by the
+    providers hq-spool and north-spool (``self.links``, both connected); the API has the
+    real Find-Me queue of its server (``self.findme``), and ``hold`` holds jobs in it.
     """
 
     def setUp(self) -> None:
@@ -247,6 +266,12 @@ class APITestCase(SynchronousTestCase):
         write(thdAddSite, "north", NOW)
         for printer, site in (("p1", "hq"), ("north-p1", "north")):
             write(thdAddPrinter, printer, site, 10, 50, NOW, duplex_discount=10)
+        for printer, site in (("hold1", "hq"), ("north-hold", "north")):
+            write(thdAddPrinter, printer, site, 10, 50, NOW, hold=True, uri=f"ipp://{printer}/")
+        self.provider = {"hq": "hq-spool", "north": "north-spool"}
+        for site, provider in self.provider.items():
+            write(thdAddProvider, provider, site, NOW)
+        self.hold_queue = "hold1"
         verifier = make_verifier(PASSWORD, n=CHEAP_N)
         write(
             thdAddUser, "alice", NOW, full_name="Alice A", balance=5_00, password_verifier=verifier
@@ -273,7 +298,7 @@ class APITestCase(SynchronousTestCase):
             ),
         }
         self.gate = self.gate_over(self.store, "primary", "hq", None)
-        self.api = DeviceAPI(self.gate, inline(self.store), self.clock)
+        self.api = self.api_over(self.store, "hq")
         self.key = self.keys["mfd"]
         self.document = openapi()
 
@@ -297,9 +322,27 @@ class APITestCase(SynchronousTestCase):
             getattr(failover.inputs, name)(f"test: {name}")
         self.assertEqual(failover.mode, mode)
         self.gate = self.gate_over(site, "site", "north", failover)
-        self.api = DeviceAPI(self.gate, inline(site), self.clock)
+        self.api = self.api_over(site, "north")
         self.key = self.keys["north-mfd"]
+        self.hold_queue = "north-hold"
         return site
+
+    def api_over(self, store: Store, name: str) -> DeviceAPI:
+        """``self.gate``'s device API, with a real Find-Me queue over ``store``."""
+        self.findme = FindMe(self.gate, inline(store), inline(store, True), self.clock)
+        self.links = FakeLinks(*self.provider.values())
+        self.findme.links = self.links
+        self.site_name = name
+        return DeviceAPI(self.gate, inline(store), self.clock, self.findme)
+
+    def hold(self, *numbers: int, user: str = "alice", pages: int = 1) -> list[str]:
+        """Jobs held for ``user`` on this server's hold printer, as its provider asks."""
+        for n in numbers:
+            job = details(n, queue=self.hold_queue, user=user, pages=pages)
+            d = Deferred.fromCoroutine(self.findme.decide(self.provider[self.site_name], job))
+            decision = self.successResultOf(d)
+            self.assertEqual(decision.decision, "hold", decision.reason)
+        return [uuid_of(n) for n in numbers]
 
     # -- requests -------------------------------------------------------------------
 
@@ -749,7 +792,9 @@ class ValidationTests(APITestCase):
             ("GET", ""),
             ("PATCH", f"sessions/{self.session}"),
             ("GET", f"sessions/{self.session}/usage"),
-            ("POST", f"sessions/{self.session}/release"),
+            ("GET", f"sessions/{self.session}/release"),
+            ("GET", f"sessions/{self.session}/cancel"),
+            ("POST", f"sessions/{self.session}/jobs"),
             ("POST", "openapi.json"),
         ):
             error = self.fails(404, method, path, {})
@@ -920,6 +965,220 @@ class SiteModeTests(APITestCase):
         self.assertEqual(self.login()["method"], "card+pin")
 
 
+# -- held jobs --------------------------------------------------------------------------
+
+
+class HeldJobTests(APITestCase):
+    """The session's held jobs: listed, released to the device's printer, cancelled."""
+
+    def jobs(self, session: str, **kw: Any) -> list[dict[str, Any]]:
+        answer = self.request("GET", f"sessions/{session}/jobs", **kw)
+        self.assertEqual(answer.code, 200, answer.body)
+        return list(answer.body["jobs"])
+
+    def release(self, session: str, body: Any = None, code: int = 200, **kw: Any) -> Any:
+        answer = self.request("POST", f"sessions/{session}/release", body, **kw)
+        self.assertEqual(answer.code, code, answer.body)
+        return answer.body
+
+    def cancel(self, session: str, body: Any = None, code: int = 200) -> Any:
+        answer = self.request("POST", f"sessions/{session}/cancel", body)
+        self.assertEqual(answer.code, code, answer.body)
+        return answer.body
+
+    def test_list(self) -> None:
+        """Each held job with its document, queue, pages, estimated cost and times;
+        only the session's user's jobs."""
+        session = self.login()["session"]
+        self.assertEqual(self.jobs(session), [])
+        self.hold(1, pages=3)
+        self.clock.advance(60)
+        self.hold(2, pages=2)
+        self.hold(3, user="bob")
+        jobs = self.jobs(session)
+        self.assertEqual(
+            [(j["uuid"], j["document"], j["queue"], j["pages"], j["copies"]) for j in jobs],
+            [(uuid_of(1), "doc1.pdf", "hold1", 3, 1), (uuid_of(2), "doc2.pdf", "hold1", 2, 1)],
+        )
+        first = jobs[0]
+        self.assertEqual((first["cost"], first["cost_minor"]), ("0.30", 30))
+        self.assertEqual((first["colour"], first["duplex"]), (False, False))
+        self.assertEqual(first["held_since"], datetime.fromtimestamp(NOW, UTC).isoformat())
+        self.assertGreater(first["expires_in"], 0)
+        self.assertGreater(first["expires_at"], first["held_since"])
+        bob = self.login({"card": "2002"})["session"]
+        self.assertEqual([j["uuid"] for j in self.jobs(bob)], [uuid_of(3)])
+
+    def test_release_all(self) -> None:
+        """No body: every held job goes to the device's printer (p1), priced there."""
+        self.hold(1, 2, pages=2)
+        session = self.login()["session"]
+        answer = self.release(session)
+        self.assertEqual((answer["printer"], answer["released"]), ("p1", 2))
+        self.assertEqual(
+            [(o["uuid"], o["released"], o["cost"], o["reason"]) for o in answer["jobs"]],
+            [
+                (uuid_of(1), True, "0.20", "released to p1"),
+                (uuid_of(2), True, "0.20", "released to p1"),
+            ],
+        )
+        self.assertEqual(
+            [(r[1], r[3]) for r in self.links.releases],
+            [
+                (uuid_of(1), "p1"),
+                (uuid_of(2), "p1"),
+            ],
+        )
+        self.assertEqual(self.jobs(session), [])
+        self.assertEqual(self.release(session)["jobs"], [])
+
+    def test_release_some(self) -> None:
+        """Named jobs only (any UUID spelling); unknown and not-held ones are answered
+        per job; an empty list releases nothing."""
+        self.hold(1, 2, 3)
+        session = self.login()["session"]
+        self.assertEqual(self.release(session, {"jobs": []})["jobs"], [])
+        stranger = str(uuidlib.uuid4())
+        answer = self.release(session, {"jobs": [uuid_of(2).upper(), stranger]})
+        self.assertEqual(
+            [(o["uuid"], o["released"], o["reason"]) for o in answer["jobs"]],
+            [(stranger, False, "no such held job"), (uuid_of(2), True, "released to p1")],
+        )
+        again = self.release(session, {"jobs": [uuid_of(2)]})["jobs"]
+        self.assertEqual(
+            [(o["released"], o["reason"]) for o in again], [(False, "job is releasing, not held")]
+        )
+        self.assertEqual([j["uuid"] for j in self.jobs(session)], [uuid_of(1), uuid_of(3)])
+        # bob cannot release alice's jobs.
+        bob = self.login({"card": "2002"})["session"]
+        [outcome] = self.release(bob, {"jobs": [uuid_of(1)]})["jobs"]
+        self.assertEqual((outcome["released"], outcome["reason"]), (False, "no such held job"))
+
+    def test_balance_checked_again_at_release(self) -> None:
+        """alice (5.00) holds two 2.00 jobs, then copies 20 pages (2.00): releasing all,
+        the first goes and the second, which she can no longer afford, stays held."""
+        self.hold(1, 2, pages=20)
+        session = self.login()["session"]
+        self.usage(session, {"kind": "copy", "pages": 20})
+        answer = self.release(session)
+        self.assertEqual(answer["released"], 1)
+        first, second = answer["jobs"]
+        self.assertEqual((first["uuid"], first["released"]), (uuid_of(1), True))
+        self.assertEqual((second["uuid"], second["released"]), (uuid_of(2), False))
+        self.assertIn("insufficient balance", second["reason"])
+        self.assertEqual(second["cost"], "2.00")
+        self.assertEqual([j["uuid"] for j in self.jobs(session)], [uuid_of(2)])
+
+    def test_provider_not_connected(self) -> None:
+        """A job whose provider is not connected stays held, said per job."""
+        self.hold(1)
+        self.links.up.clear()
+        [outcome] = self.release(self.login()["session"])["jobs"]
+        self.assertFalse(outcome["released"])
+        self.assertIn("not connected", outcome["reason"])
+
+    def test_cancel(self) -> None:
+        """Named jobs, then all: how many were cancelled; the provider is told."""
+        self.hold(1, 2, 3)
+        session = self.login()["session"]
+        self.assertEqual(
+            self.cancel(session, {"jobs": [uuid_of(2), str(uuidlib.uuid4())]}), {"cancelled": 1}
+        )
+        self.assertEqual([j["uuid"] for j in self.jobs(session)], [uuid_of(1), uuid_of(3)])
+        self.assertEqual(self.cancel(session), {"cancelled": 2})
+        self.assertEqual(self.jobs(session), [])
+        self.assertEqual(self.cancel(session, {}), {"cancelled": 0})
+        self.assertTrue(self.links.deletes)
+
+    def test_validation(self) -> None:
+        """Unknown fields, a non-list, non-strings, non-UUIDs and too many: 400."""
+        self.hold(1)
+        session = self.login()["session"]
+        too_many = [str(uuidlib.uuid4()) for _ in range(MAX_JOBS + 1)]
+        for what in ("release", "cancel"):
+            path = f"sessions/{session}/{what}"
+            for body, error in (
+                ({"jobs": [], "all": True}, "unknown field(s): all"),
+                ({"jobs": uuid_of(1)}, "field 'jobs' must be a list of job UUIDs"),
+                ({"jobs": [1]}, "field 'jobs' must be a list of job UUIDs"),
+                ({"jobs": ["not-a-uuid"]}, "each of 'jobs' must be a job UUID"),
+                ({"jobs": too_many}, f"at most {MAX_JOBS} jobs at once"),
+                ([uuid_of(1)], "the request body must be a JSON object"),
+            ):
+                self.assertEqual(self.fails(400, "POST", path, body), error, (what, body))
+            self.assertEqual(
+                self.fails(400, "POST", path, raw=b"{jobs"), "the request body is not valid JSON"
+            )
+        self.assertEqual(len(self.jobs(session)), 1)
+        self.assertEqual(self.links.releases, [])
+
+    def test_session_and_key(self) -> None:
+        """Another device's session is not found; no key is 401."""
+        session = self.login()["session"]
+        for method, what in (("GET", "jobs"), ("POST", "release"), ("POST", "cancel")):
+            path = f"sessions/{session}/{what}"
+            self.fails(404, method, path, key=self.keys["mfd-2"])
+            self.fails(401, method, path, key=None)
+
+    def test_device_without_printer(self) -> None:
+        """A device with no printer lists and cancels, but cannot release: 409."""
+        self.hold(1)
+        self.key = self.keys["scanner"]
+        session = self.login()["session"]
+        self.assertEqual(len(self.jobs(session)), 1)
+        self.assertEqual(
+            self.release(session, code=409)["error"],
+            "device 'scanner' has no printer to release to",
+        )
+        self.assertEqual(self.cancel(session), {"cancelled": 1})
+
+    def test_without_findme(self) -> None:
+        """A server built without a Find-Me queue answers 503 saying so."""
+        self.api = DeviceAPI(self.gate, inline(self.store), self.clock)
+        session = self.login()["session"]
+        self.assertEqual(
+            self.fails(503, "GET", f"sessions/{session}/jobs"),
+            "held jobs are not available on this server",
+        )
+
+    def test_offline_release(self) -> None:
+        """At a site offline, by default held jobs are released to the device's printer
+        (answers say offline); with offline.release = refuse, 403 with the reason and the
+        jobs stay held, but can be listed and cancelled. Reconciling (the link is up),
+        release follows the normal rules again."""
+        self.use_site("offline")
+        self.hold(1)
+        session = self.login()["session"]
+        answer = self.release(session)
+        self.assertEqual(
+            (answer["released"], answer["offline"], answer["printer"]), (1, True, "north-p1")
+        )
+        self.store.write(thdSetPolicy, "offline.release", "refuse", NOW, site="north")
+        self.use_site("offline")
+        self.hold(2, 3)
+        session = self.login()["session"]
+        self.assertEqual(
+            self.release(session, {"jobs": [uuid_of(2)]}, code=403)["error"],
+            "release is not available while the site is offline",
+        )
+        self.assertEqual([j["uuid"] for j in self.jobs(session)], [uuid_of(2), uuid_of(3)])
+        self.assertEqual(self.links.releases, [])
+        self.assertEqual(self.cancel(session, {"jobs": [uuid_of(3)]}), {"cancelled": 1})
+        self.use_site("reconciling")
+        self.hold(4)
+        self.assertEqual(self.release(self.login()["session"])["released"], 1)
+
+    def test_unsynced_and_revoked(self) -> None:
+        """Unsynced or revoked: 503 with the reason."""
+        self.use_site("unsynced")
+        self.assertEqual(self.fails(503, "GET", "sessions/x/jobs"), UNSYNCED)
+        self.use_site("online")
+        session = self.login()["session"]
+        assert self.gate.failover is not None
+        self.gate.failover.inputs.revoked("test: revoked")
+        self.assertEqual(self.release(session, code=503)["error"], REVOKED)
+
+
 # -- faults -----------------------------------------------------------------------------
 
 
@@ -996,6 +1255,8 @@ class OpenAPITests(APITestCase):
     EXAMPLES: Mapping[tuple[str, str], Any] = {
         ("post", "/sessions"): {"card": "1001", "pin": PIN},
         ("post", "/sessions/{id}/usage"): {"kind": "copy", "pages": 1},
+        ("post", "/sessions/{id}/release"): {},
+        ("post", "/sessions/{id}/cancel"): {"jobs": [str(uuidlib.uuid4())]},
     }
 
     def operations(self) -> list[tuple[str, str, Mapping[str, Any]]]:

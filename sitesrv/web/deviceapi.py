@@ -1,8 +1,10 @@
 """The JSON device API under ``/api/v1/`` that embedded MFD software calls.
 
 A device authenticates every request with its API key as a bearer token. It starts a
-session for a user (card, card + PIN, or username + password), records copy, scan and
-fax usage in that session (priced with the device's printer's prices), and ends it.
+session for a user (card, card + PIN, or username + password), lists the user's held
+jobs and releases (to the device's printer) or cancels some or all of them, records copy,
+scan and fax usage in that session (priced with the device's printer's prices), and ends
+it.
 Everything goes through the gate, so offline policies apply at a site and an unsynced
 or revoked site answers 503 with the reason. See ``openapi.json`` for the exact shapes.
 """
@@ -14,6 +16,7 @@ import secrets
 import uuid as uuidlib
 from collections import OrderedDict
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -26,9 +29,11 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 import sitesrv
 from sitesrv.core.auth import AuthFailed, Identity
+from sitesrv.core.devicecore import FUNDS, POLICY, UNAVAILABLE, DeviceCore, DeviceRefused
 from sitesrv.core.gate import Gate, JobInfo, Refused
 from sitesrv.costing import job_cost
 from sitesrv.errors import InsufficientFunds, SitesrvError
+from sitesrv.interfaces import IFindMe
 from sitesrv.money import format_amount
 from sitesrv.store.devices import Device, thdDeviceByKey
 from sitesrv.store.policies import thdDecimals
@@ -44,6 +49,8 @@ SESSION_IDLE = 300.0
 MAX_SESSIONS = 10_000
 #: Largest page count or copy count in one usage record.
 MAX_PAGES = 100_000
+#: Most job UUIDs named in one release or cancel.
+MAX_JOBS = 100
 
 USAGE_KINDS = ("copy", "scan", "fax")
 
@@ -117,11 +124,19 @@ class DeviceAPI(Resource):
 
     isLeaf = True
 
-    def __init__(self, gate: Gate, read: Callable[..., Deferred[Any]], clock: IReactorTime):
+    def __init__(
+        self,
+        gate: Gate,
+        read: Callable[..., Deferred[Any]],
+        clock: IReactorTime,
+        findme: IFindMe | None = None,
+    ):
         super().__init__()
         self.gate = gate
         self.read = read
         self.clock = clock
+        #: The server's Find-Me queue; without one, the held-job endpoints answer 503.
+        self.findme = findme
         self.sessions: OrderedDict[str, Session] = OrderedDict()
 
     # -- plumbing -------------------------------------------------------------------
@@ -143,6 +158,9 @@ class DeviceAPI(Resource):
             code, message = error.code, error.message
         elif isinstance(error, AuthFailed):
             code, message = 401, error.reason
+        elif isinstance(error, DeviceRefused):
+            code = {POLICY: 403, FUNDS: 402, UNAVAILABLE: 503}.get(error.kind, 400)
+            message = error.reason
         elif isinstance(error, Refused):
             serving = self.gate.failover is None or self.gate.failover.serving()
             code, message = (403 if serving else 503), str(error)
@@ -177,6 +195,12 @@ class DeviceAPI(Resource):
                 return 204, None
             if rest == ["usage"] and method == "POST":
                 return await self._usage(device, session, _body(request))
+            if rest == ["jobs"] and method == "GET":
+                return await self._jobs(device, session)
+            if rest == ["release"] and method == "POST":
+                return await self._release(device, session, _body(request))
+            if rest == ["cancel"] and method == "POST":
+                return await self._cancel(device, session, _body(request))
         raise HTTPError(404, f"no such endpoint: {method} /api/v1/{'/'.join(path)}")
 
     async def _device(self, request: Request) -> Device:
@@ -305,6 +329,93 @@ class DeviceAPI(Resource):
             "offline": result.offline,
         }
 
+    # -- held jobs (the Find-Me queue, through the device core) ----------------------
+
+    def _core(self, device: Device) -> DeviceCore:
+        """The core a connector would get for ``device``: the gate's offline policies
+        apply to what it does (``offline.release``)."""
+        if self.findme is None:
+            raise HTTPError(503, "held jobs are not available on this server")
+        return DeviceCore(device, self.gate, self.findme, self.read, self.clock)
+
+    def _iso(self, when: float) -> str:
+        return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds")
+
+    async def _jobs(self, device: Device, session: Session) -> tuple[int, Any]:
+        held = await self._core(device).heldJobs(session.identity)
+        decimals = await self.read(thdDecimals)
+        now = self.clock.seconds()
+        jobs = []
+        for job in held:
+            jobs.append(
+                {
+                    "uuid": job.uuid,
+                    "document": job.document,
+                    "queue": getattr(job, "queue", ""),
+                    "pages": job.pages,
+                    "copies": job.copies,
+                    "colour": job.colour,
+                    "duplex": job.duplex,
+                    "cost": format_amount(job.cost, decimals),
+                    "cost_minor": job.cost,
+                    "held_since": self._iso(getattr(job, "created_at", now)),
+                    "expires_at": self._iso(getattr(job, "expires_at", now)),
+                    "expires_in": max(0, round(getattr(job, "expires_at", now) - now)),
+                }
+            )
+        return 200, {"jobs": jobs, "offline": self.gate.offline()}
+
+    async def _release(
+        self, device: Device, session: Session, body: dict[str, Any]
+    ) -> tuple[int, Any]:
+        jobs = _job_list(body)
+        core = self._core(device)
+        if device.printer is None:
+            raise HTTPError(409, f"device {device.name!r} has no printer to release to")
+        outcomes = await core.release(session.identity, jobs)
+        decimals = await self.read(thdDecimals)
+        return 200, {
+            "printer": device.printer,
+            "released": sum(1 for o in outcomes if o.released),
+            "jobs": [
+                {
+                    "uuid": o.job,
+                    "released": o.released,
+                    "reason": o.reason,
+                    "cost": format_amount(o.cost, decimals),
+                    "cost_minor": o.cost,
+                }
+                for o in outcomes
+            ],
+            "offline": self.gate.offline(),
+        }
+
+    async def _cancel(
+        self, device: Device, session: Session, body: dict[str, Any]
+    ) -> tuple[int, Any]:
+        jobs = _job_list(body)
+        cancelled = await self._core(device).cancel(session.identity, jobs)
+        return 200, {"cancelled": cancelled}
+
+
+def _job_list(body: dict[str, Any]) -> list[str] | None:
+    """The ``jobs`` of a release or cancel body (canonical UUIDs), or None for all."""
+    unknown = set(body) - {"jobs"}
+    if unknown:
+        raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+    if "jobs" not in body:
+        return None
+    jobs = body["jobs"]
+    if not isinstance(jobs, list) or not all(isinstance(j, str) for j in jobs):
+        raise HTTPError(400, "field 'jobs' must be a list of job UUIDs")
+    if len(jobs) > MAX_JOBS:
+        raise HTTPError(400, f"at most {MAX_JOBS} jobs at once")
+    try:
+        # Canonical form: the queue stores the 36-character lower-case spelling.
+        return list(dict.fromkeys(str(uuidlib.UUID(j)) for j in jobs))
+    except ValueError:
+        raise HTTPError(400, "each of 'jobs' must be a job UUID") from None
+
 
 def openapi() -> dict[str, Any]:
     """The OpenAPI 3 document of this API (checked against the routes by the tests)."""
@@ -326,6 +437,10 @@ def openapi() -> dict[str, Any]:
     }
     too_large = {"413": answer(f"request body larger than {MAX_BODY} bytes", error)}
     session = {"$ref": "#/components/schemas/Session"}
+    job_list = {
+        "required": False,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobList"}}},
+    }
     session_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
     return {
         "openapi": "3.0.3",
@@ -379,6 +494,71 @@ def openapi() -> dict[str, Any]:
                         "duplex": {"type": "boolean"},
                         "uuid": {"type": "string", "format": "uuid"},
                     },
+                },
+                "JobList": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "description": "the jobs to act on (all the user's held jobs if absent)",
+                    "properties": {
+                        "jobs": {
+                            "type": "array",
+                            "maxItems": MAX_JOBS,
+                            "items": {"type": "string", "format": "uuid"},
+                        },
+                    },
+                },
+                "HeldJobs": {
+                    "type": "object",
+                    "properties": {
+                        "jobs": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/HeldJob"},
+                        },
+                        "offline": {"type": "boolean"},
+                    },
+                },
+                "HeldJob": {
+                    "type": "object",
+                    "properties": {
+                        "uuid": {"type": "string"},
+                        "document": {"type": "string"},
+                        "queue": {"type": "string"},
+                        "pages": {"type": "integer"},
+                        "copies": {"type": "integer"},
+                        "colour": {"type": "boolean"},
+                        "duplex": {"type": "boolean"},
+                        "cost": {"type": "string"},
+                        "cost_minor": {"type": "integer"},
+                        "held_since": {"type": "string", "format": "date-time"},
+                        "expires_at": {"type": "string", "format": "date-time"},
+                        "expires_in": {"type": "integer"},
+                    },
+                },
+                "Released": {
+                    "type": "object",
+                    "properties": {
+                        "printer": {"type": "string"},
+                        "released": {"type": "integer"},
+                        "jobs": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/ReleaseOutcome"},
+                        },
+                        "offline": {"type": "boolean"},
+                    },
+                },
+                "ReleaseOutcome": {
+                    "type": "object",
+                    "properties": {
+                        "uuid": {"type": "string"},
+                        "released": {"type": "boolean"},
+                        "reason": {"type": "string"},
+                        "cost": {"type": "string"},
+                        "cost_minor": {"type": "integer"},
+                    },
+                },
+                "Cancelled": {
+                    "type": "object",
+                    "properties": {"cancelled": {"type": "integer", "minimum": 0}},
                 },
                 "Charge": {
                     "type": "object",
@@ -444,6 +624,51 @@ def openapi() -> dict[str, Any]:
                         "402": answer("insufficient balance or offline allowance", error),
                         "403": answer("refused by an offline policy", error),
                         "409": answer("the device has no printer to price usage", error),
+                        **too_large,
+                        **errors,
+                    },
+                },
+            },
+            "/sessions/{id}/jobs": {
+                "parameters": session_id,
+                "get": {
+                    "summary": "the user's held jobs at this server, oldest first",
+                    "security": bearer,
+                    "responses": {
+                        "200": answer("held jobs", {"$ref": "#/components/schemas/HeldJobs"}),
+                        **errors,
+                    },
+                },
+            },
+            "/sessions/{id}/release": {
+                "parameters": session_id,
+                "post": {
+                    "summary": "release held jobs (all, or those named) to the device's printer",
+                    "security": bearer,
+                    "requestBody": job_list,
+                    "responses": {
+                        "200": answer(
+                            "what happened to each job (a job the user cannot afford at "
+                            "the device's printer stays held)",
+                            {"$ref": "#/components/schemas/Released"},
+                        ),
+                        "403": answer("release refused by an offline policy", error),
+                        "409": answer("the device has no printer to release to", error),
+                        **too_large,
+                        **errors,
+                    },
+                },
+            },
+            "/sessions/{id}/cancel": {
+                "parameters": session_id,
+                "post": {
+                    "summary": "cancel held jobs (all, or those named)",
+                    "security": bearer,
+                    "requestBody": job_list,
+                    "responses": {
+                        "200": answer(
+                            "how many were cancelled", {"$ref": "#/components/schemas/Cancelled"}
+                        ),
                         **too_large,
                         **errors,
                     },
