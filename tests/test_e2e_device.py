@@ -2,11 +2,12 @@
 
 A primary and a site run as ``twistd`` processes replicating over TLS on loopback, set
 up with ``sitesrv-admin`` as an administrator would: a user with a card and a PIN, a
-printer at the site, and an ``http`` device for it whose key ``device add`` prints. The
-test plays the MFD with ``twisted.web.client.Agent`` against the site's web port: online
-charges reach the primary's ledger; with the primary down the site charges under the
-offline policies, keeps the charges in its outbox and submits each exactly once when the
-primary is back.
+hold/release printer at the site, and an ``http`` device for it whose key ``device add``
+prints. The test plays the MFD with ``twisted.web.client.Agent`` against the site's web
+port: online charges reach the primary's ledger; with the primary down the site charges
+under the offline policies, keeps the charges in its outbox and submits each exactly once
+when the primary is back. Held jobs come from a print provider the test also plays (the
+AMP client of ``tests.test_e2e_cardreader``) and are listed and released through the API.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ import uuid as uuidlib
 from typing import Any
 
 import attrs
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
+import sitesrv
+from sitesrv.core.findme import charge_uuid
+from sitesrv.providers.commands import PROVIDER_PROTOCOL_VERSION, AnnounceQueues, ProviderHello
 from tests.processes import (
     CLEAN_EXITS,
     Node,
@@ -40,6 +45,7 @@ from tests.processes import (
     write_primary_config,
     write_site_config,
 )
+from tests.test_e2e_cardreader import Provider
 
 CARD = "0012345678"
 PIN = "4321"
@@ -102,7 +108,7 @@ class DeviceEndToEndTests(TestCase):
         admin_sync(self.primary, "user", "set-pin", "alice", stdin=f"{PIN}\n")
         admin_sync(
             self.primary,
-            *("printer", "add", "p1", "--site", "north"),
+            *("printer", "add", "p1", "--site", "north", "--hold"),
             *("--price-mono", "0.10", "--price-colour", "0.50"),
         )
         added = admin_sync(
@@ -112,6 +118,9 @@ class DeviceEndToEndTests(TestCase):
         # The key alone on stdout (the explanation goes to stderr).
         self.key = added.out.strip()
         self.assertRegex(self.key, r"^\S{20,}$")
+        self.provider_key = admin_sync(
+            self.primary, "provider", "add", "spool", "--site", "north"
+        ).out.strip()
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """One request of the MFD to the site's device API, bounded in time."""
@@ -252,3 +261,80 @@ class DeviceEndToEndTests(TestCase):
             refused["error"], "insufficient offline allowance: 0.00 available, copy costs 0.10"
         )
         self.assertEqual([r["amount"] for r in (await self.outbox()).values()], ["-6.00"])
+
+    async def provider(self) -> Provider:
+        """The print provider "spool" of queue p1, after its hello and announcement."""
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.site.providers_port, timeout=2)
+        client: Provider = await connectProtocol(endpoint, Provider())
+        self.addCleanup(self.close, client, client.closed)
+        hello = await client.callRemote(
+            ProviderHello,
+            provider="spool",
+            key=self.provider_key,
+            software_version=f"test-provider {sitesrv.__version__}",
+            protocol_version=PROVIDER_PROTOCOL_VERSION,
+            provider_time=reactor.seconds(),
+        )
+        client.startHeartbeat(hello["heartbeat"])
+        queues = await client.callRemote(AnnounceQueues, queues=["p1"])
+        self.assertEqual([q["name"] for q in queues["known"]], ["p1"])
+        return client
+
+    def close(self, client: Any, closed: Deferred[None]) -> Deferred[None]:
+        """Close a client connection and wait until it is closed (a clean reactor)."""
+        if client.transport is not None and not closed.called:
+            client.transport.abortConnection()
+        return closed
+
+    async def test_offline_release_through_the_api(self) -> None:
+        """Primary down: the MFD lists the two held jobs (one held before the outage, one
+        during it), releases one by name and then the rest; the provider prints both; the
+        charges wait in the outbox and reach the primary's ledger once each."""
+        primary, site = await self.start()
+        provider = await self.provider()
+        before = await provider.submit()
+        await self.go_offline(primary, site)
+        during = await provider.submit()
+
+        session = (await self.login())["session"]
+        listed = await self.call("GET", f"sessions/{session}/jobs")
+        self.assertEqual(listed.code, 200, listed.body)
+        self.assertTrue(listed.body["offline"])
+        self.assertEqual(
+            [(j["uuid"], j["queue"], j["pages"], j["cost"]) for j in listed.body["jobs"]],
+            [(before, "p1", 2, "0.20"), (during, "p1", 2, "0.20")],
+        )
+        charges = []
+        for body in ({"jobs": [during]}, None):
+            reply = await self.call("POST", f"sessions/{session}/release", body)
+            self.assertEqual(reply.code, 200, reply.body)
+            [outcome] = reply.body["jobs"]
+            self.assertEqual(
+                (outcome["released"], outcome["cost"], reply.body["offline"]), (True, "0.20", True)
+            )
+            job, release_id, printer = await provider.released()
+            self.assertEqual((job, printer), (outcome["uuid"], "p1"))
+            self.assertEqual(await provider.printed(job, release_id), 20)
+            charges.append(charge_uuid(job, release_id))
+        reply = await self.call("GET", f"sessions/{session}/jobs")
+        self.assertEqual(reply.body["jobs"], [])
+        pending = await self.outbox()
+        self.assertEqual(
+            [(pending[t]["state"], pending[t]["offline"]) for t in charges],
+            [("pending", True)] * 2,
+        )
+
+        primary.start()
+        await wait_for_mode(site, "online", deadline=30)
+
+        def in_ledger(txn: str) -> int:
+            query = "SELECT count(*) FROM transactions WHERE uuid = ?"
+            return int(scalar(self.primary.database, query, txn))
+
+        await wait_for(
+            lambda: all(in_ledger(txn) == 1 for txn in charges),
+            "both offline release charges in the primary's ledger",
+            deadline=10.0,
+        )
+        shown = (await admin(self.primary, "--json", "user", "show", "alice")).json()
+        self.assertEqual(shown["balance"], "4.60")
