@@ -44,6 +44,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -113,8 +114,33 @@ class BenchError(Exception):
 # -- set-up ---------------------------------------------------------------------------
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return low, high
+
+
+_ports = random.Random()
+
+
 def free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago."""
+    """A port on 127.0.0.1 that was free a moment ago, below the ephemeral range.
+
+    (One from the ephemeral range, as binding port 0 gives, may be taken by any outgoing
+    connection before the server binds it: the benchmark makes many.)
+    """
+    low, _high = _ephemeral_ports()
+    for _ in range(100):
+        port = _ports.randrange(10_000, max(low, 10_001))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -747,6 +773,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 when it ran (goals met or not), 1 when something failed."""
     options = parse_args(sys.argv[1:] if argv is None else argv)
     quiet = options.json
+    # On SIGTERM too, unwind (SystemExit) so that every child process is killed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     def say(text: str) -> None:
         if not quiet:
