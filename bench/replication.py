@@ -2,7 +2,7 @@
 how fast a stream of changes at the primary becomes visible at the site.
 
 Run ``python -m bench.replication --help``. It builds a primary and two sites in a new
-temporary directory (deleted afterwards, with ``--keep`` kept), exactly as an
+temporary directory (deleted afterwards; kept with ``--keep`` or when a run fails), as an
 administrator would: ``sitesrv-admin tls init``, TOML configs, ``sitesrv-admin site add``
 with the token in each site's ``token_file``. The users are loaded into the primary's
 SQLite file with the bulk import (``users.thdImportUsers``) before it starts. Primary
