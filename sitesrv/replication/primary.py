@@ -255,7 +255,9 @@ class SiteSession(LivenessAMP):
         site = self._require_site()
         if after < 0:
             raise ProtocolViolation("negative position")
-        await self._recordPosition(site, after)
+        # Bookkeeping, not the data path: never make the stream wait for the write lock
+        # (a busy writer held it for seconds and froze the site's stream).
+        self.peerPosition(after)
         found = await self.store.runRead(thdChangeBatch, after, BATCH_ROWS, (None, site))
         changes, upto, limited, partial = found.changes, found.upto, found.limited, found.partial
         if not self.passwords_included:
@@ -284,7 +286,8 @@ class SiteSession(LivenessAMP):
             await self.store.runWrite(thdLinkSeen, site, now, position)
 
     def peerPosition(self, position: int) -> None:
-        """A site's heartbeat says how far it has applied the change log."""
+        """The site has applied the change log up to ``position`` (from a heartbeat or a
+        GetChanges): recorded in site_links at most once a second, in the background."""
         if self.site is not None and position >= 0:
             d = Deferred.fromCoroutine(self._recordPosition(self.site, position))
             d.addErrback(lambda f: log.failure("recording a site's position", f))
