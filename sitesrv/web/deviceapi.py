@@ -17,7 +17,7 @@ import uuid as uuidlib
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -30,14 +30,12 @@ from twisted.web.server import NOT_DONE_YET, Request
 import sitesrv
 from sitesrv.core.auth import AuthFailed, Identity
 from sitesrv.core.devicecore import FUNDS, POLICY, UNAVAILABLE, DeviceCore, DeviceRefused
-from sitesrv.core.gate import Gate, JobInfo, Refused
-from sitesrv.costing import job_cost
+from sitesrv.core.gate import Gate, Refused
 from sitesrv.errors import InsufficientFunds, SitesrvError
 from sitesrv.interfaces import IFindMe
 from sitesrv.money import format_amount
 from sitesrv.store.devices import Device, thdDeviceByKey
 from sitesrv.store.policies import thdDecimals
-from sitesrv.store.printers import Printer, thdPrinter
 
 log = Logger()
 
@@ -302,41 +300,34 @@ class DeviceAPI(Resource):
             raise HTTPError(400, "uuid must be a UUID") from None
         if device.printer is None:
             raise HTTPError(409, f"device {device.name!r} has no printer to price usage")
-        printer: Printer = await self.read(thdPrinter, device.printer)
-        colour, duplex = body.get("colour", False), body.get("duplex", False)
-        cost = job_cost(printer.prices, pages, copies, colour, duplex)
-        job = JobInfo(
-            kind=body["kind"],
-            printer_id=printer.id,
-            printer_name=printer.name,
-            pages=pages,
-            copies=copies,
-            colour=colour,
-            duplex=duplex,
-            document=f"{body['kind']} at {device.name}",
-            status="done",
-            uuid=txn_uuid,
+        # Priced and charged exactly as a connector's usage is: through the device core.
+        result = await self._core(device, for_jobs=False).recordUsage(
+            session.identity,
+            body["kind"],
+            pages,
+            copies,
+            body.get("colour", False),
+            body.get("duplex", False),
+            txn_uuid,
         )
-        result = await self.gate.charge(session.identity, cost, body["kind"], job, txn_uuid)
-        decimals = await self.read(thdDecimals)
         return 201, {
-            "uuid": result.txn_uuid,
-            "charged": format_amount(cost, decimals),
-            "charged_minor": cost,
-            "account": result.account_name,
-            "balance": format_amount(result.balance, decimals),
-            "balance_minor": result.balance,
+            "uuid": result.uuid,
+            "charged": result.cost.text,
+            "charged_minor": result.cost.minor,
+            "account": result.account,
+            "balance": result.balance.text,
+            "balance_minor": result.balance.minor,
             "offline": result.offline,
         }
 
     # -- held jobs (the Find-Me queue, through the device core) ----------------------
 
-    def _core(self, device: Device) -> DeviceCore:
+    def _core(self, device: Device, for_jobs: bool = True) -> DeviceCore:
         """The core a connector would get for ``device``: the gate's offline policies
-        apply to what it does (``offline.release``)."""
-        if self.findme is None:
+        apply to what it does (``offline.release``). Usage needs no Find-Me queue."""
+        if self.findme is None and for_jobs:
             raise HTTPError(503, "held jobs are not available on this server")
-        return DeviceCore(device, self.gate, self.findme, self.read, self.clock)
+        return DeviceCore(device, self.gate, cast(IFindMe, self.findme), self.read, self.clock)
 
     def _iso(self, when: float) -> str:
         return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds")
