@@ -60,7 +60,8 @@ class Transaction:
     applied: bool = True
 
 
-def _account(row: Any) -> Account:
+def account_of(row: Any) -> Account:
+    """An `Account` from a row of the accounts table."""
     return Account(
         id=row.id,
         name=row.name,
@@ -124,13 +125,13 @@ def thdAccount(conn: Connection, name: str) -> Account:
     row = conn.execute(select(accounts).where(accounts.c.name == name)).first()
     if row is None:
         raise NotFound(f"no account named {name!r}")
-    return _account(row)
+    return account_of(row)
 
 
 def thdAccountById(conn: Connection, account_id: int) -> Account | None:
     """The account with this id, or None."""
     row = conn.execute(select(accounts).where(accounts.c.id == account_id)).first()
-    return None if row is None else _account(row)
+    return None if row is None else account_of(row)
 
 
 def thdListAccounts(conn: Connection, shared_only: bool = False) -> list[Account]:
@@ -138,7 +139,7 @@ def thdListAccounts(conn: Connection, shared_only: bool = False) -> list[Account
     q = select(accounts).order_by(accounts.c.name)
     if shared_only:
         q = q.where(accounts.c.type == AccountType.SHARED.value)
-    return [_account(r) for r in conn.execute(q)]
+    return [account_of(r) for r in conn.execute(q)]
 
 
 # Every charge runs these; built once, SQLAlchemy finds them compiled (bench/store.py).
@@ -187,7 +188,7 @@ def thdPost(
             return attrs.evolve(existing, applied=False)
     if row is None:
         raise NotFound(f"no account with id {account_id}")
-    account = _account(row)
+    account = account_of(row)
     new_balance = account.balance + amount
     limit = available(account.balance, account.restricted, account.credit_limit)
     if enforce_limit and amount < 0 and limit is not None and -amount > limit:

@@ -365,15 +365,7 @@ def _thdLockAccounts(conn: Connection, ids: Sequence[int]) -> dict[int, ledger.A
         chunk = ordered[start : start + _IN_CHUNK]
         q = select(accounts).where(accounts.c.id.in_(chunk)).order_by(accounts.c.id)
         for row in conn.execute(q.with_for_update()):
-            found[row.id] = ledger.Account(
-                id=row.id,
-                name=row.name,
-                type=row.type,
-                user_id=row.user_id,
-                balance=row.balance,
-                restricted=bool(row.restricted),
-                credit_limit=row.credit_limit,
-            )
+            found[row.id] = ledger.account_of(row)
     return found
 
 
