@@ -863,13 +863,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return options
 
 
-def main(argv: list[str] | None = None) -> int:
-    options = parse(sys.argv[1:] if argv is None else argv)
-    directory = tempfile.mkdtemp(prefix="sitesrv-bench-devices-", dir=options.tmpdir)
+def run_benchmark(
+    name: str,
+    options: argparse.Namespace,
+    run: Callable[[argparse.Namespace, str], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+) -> int:
+    """Run a benchmark in a temporary directory (kept on failure) and print its report."""
+    directory = tempfile.mkdtemp(prefix=f"sitesrv-bench-{name}-", dir=options.tmpdir)
     try:
         results = run(options, directory)
     except Exception as e:
-        print(f"bench.devices failed: {e}", file=sys.stderr)
+        print(f"bench.{name} failed: {e!r}", file=sys.stderr)
         print(f"(logs in {directory})", file=sys.stderr)
         options.keep = True
         return 1
@@ -878,6 +883,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(directory, ignore_errors=True)
     print(json.dumps(results, indent=2) if options.json else report(results))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_benchmark("devices", parse(sys.argv[1:] if argv is None else argv), run, report)
 
 
 if __name__ == "__main__":

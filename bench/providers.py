@@ -44,11 +44,9 @@ import argparse
 import http.client
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from typing import Any
@@ -71,6 +69,7 @@ from bench.devices import (
     free_ports,
     health,
     machine,
+    run_benchmark,
     summary,
     wait,
 )
@@ -595,20 +594,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = parse(sys.argv[1:] if argv is None else argv)
-    directory = tempfile.mkdtemp(prefix="sitesrv-bench-providers-", dir=options.tmpdir)
-    try:
-        results = run(options, directory)
-    except Exception as e:
-        print(f"bench.providers failed: {e!r}", file=sys.stderr)
-        print(f"(logs in {directory})", file=sys.stderr)
-        options.keep = True
-        return 1
-    finally:
-        if not options.keep:
-            shutil.rmtree(directory, ignore_errors=True)
-    print(json.dumps(results, indent=2) if options.json else report(results))
-    return 0
+    return run_benchmark("providers", parse(sys.argv[1:] if argv is None else argv), run, report)
 
 
 if __name__ == "__main__":
