@@ -2,8 +2,13 @@
 
 A primary ("main") and one site server ("branch") in one process, each with its own
 ports and SQLite database under ``./var/demo``, replicating over TLS on localhost with
-certificates made on first start. Demo users, cards, a PIN, printers and an MFD device
-are seeded on first start, and a short "try this" sheet is printed.
+certificates made on first start. The site reaches the primary through a fault proxy in
+the same process, which the status page's "Simulate outage" button cuts and "Restore
+link" heals. A print provider ("branch-spool", an IPP printer for users' computers)
+holds jobs for the site's Find-Me queue and delivers released ones to a demo raw-socket
+printer that counts them. Demo users, cards, a PIN, printers, an MFD device and an admin
+login are seeded on first start, with one held job for alice, and a short "try this"
+sheet is printed.
 """
 
 from __future__ import annotations
@@ -13,19 +18,42 @@ import sys
 import textwrap
 from typing import Any
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import quoteStringArgument
+from twisted.logger import Logger
 
-from sitesrv.config import load
+from sitesrv.config import Config, load
+from sitesrv.demoparts import Controls, DemoPrinter, FirstSample, LinkProxy, StartWhen
+from sitesrv.errors import NotFound
+from sitesrv.provider.config import from_dict as provider_config
+from sitesrv.provider.service import Provider, make_provider
 from sitesrv.secrets import make_verifier
-from sitesrv.server import make_server
+from sitesrv.server import Server, make_server
 from sitesrv.store import devices, policies, printers, sites, users
 from sitesrv.store.audit import thdAudit
 from sitesrv.tls import init_tls
 
+log = Logger()
+
 DEMO_DIR = os.path.join("var", "demo")
 PRIMARY_NAME = "main"
 SITE_NAME = "branch"
+
+#: The primary's replication port, and the fault proxy in front of it the site uses.
+REPLICATION_PORT = 9192
+LINK_PROXY_PORT = 9195
+#: The branch's demo card reader listens here (a swipe is a card number and Enter).
+CARD_READER_PORT = 9294
+#: The demo print provider: its name, its IPP port and its hold queue.
+PROVIDER_NAME = "branch-spool"
+IPP_PORT = 9631
+HOLD_QUEUE = "branch-colour"
+#: The demo raw-socket printer behind the hold queue.
+PRINTER_PORT = 9101
+
+ADMIN_NAME = "admin"
+ADMIN_PASSWORD = "admin-pass"
 
 PRIMARY_CONFIG = f"""\
 # Written by `twistd -n sitesrv --demo`; edit freely, it is not overwritten.
@@ -36,7 +64,7 @@ data_dir = "primary"
 [listen]
 web = "tcp:9193:interface=127.0.0.1"
 providers = "tcp:9191:interface=127.0.0.1"
-replication = "ssl:9192:interface=127.0.0.1:privateKey={{key}}:certKey={{cert}}"
+replication = "ssl:{REPLICATION_PORT}:interface=127.0.0.1:privateKey={{key}}:certKey={{cert}}"
 """
 
 SITE_CONFIG = f"""\
@@ -47,17 +75,20 @@ data_dir = "branch"
 
 [listen]
 web = "tcp:9293:interface=127.0.0.1"
-providers = "tcp:9291:interface=127.0.0.1"
+providers = "ssl:9291:interface=127.0.0.1:privateKey={{key}}:certKey={{cert}}"
 
 [primary]
-endpoint = "tcp:127.0.0.1:9192"
+# The demo's fault proxy, in front of the primary's port {REPLICATION_PORT}: the status
+# page's "Simulate outage" button cuts it.
+endpoint = "tcp:127.0.0.1:{LINK_PROXY_PORT}"
 ca = "tls/ca.crt"
 hostname = "localhost"
 token_file = "branch/token"
-"""
 
-#: The branch's demo card reader listens here (a swipe is a card number and Enter).
-CARD_READER_PORT = 9294
+[replication]
+# Reconnect within 2 s of "Restore link".
+max_backoff = 2.0
+"""
 
 DEMO_USERS = (
     # username, full name, balance (minor units), card, PIN, password
@@ -89,9 +120,17 @@ def _thdSeed(conn: Any, now: float) -> dict[str, str] | None:
     token = sites.thdAddSite(conn, SITE_NAME, now)
     printers.thdAddPrinter(conn, "library-mono", PRIMARY_NAME, 10, 10, now, hold=True)
     printers.thdAddPrinter(
-        conn, "branch-colour", SITE_NAME, 10, 50, now, duplex_discount=10, hold=True
+        conn,
+        HOLD_QUEUE,
+        SITE_NAME,
+        10,
+        50,
+        now,
+        duplex_discount=10,
+        hold=True,
+        uri=f"socket://127.0.0.1:{PRINTER_PORT}",
     )
-    key = devices.thdAddDevice(conn, "branch-mfd", SITE_NAME, "http", now, printer="branch-colour")
+    key = devices.thdAddDevice(conn, "branch-mfd", SITE_NAME, "http", now, printer=HOLD_QUEUE)
     # A network card reader at the branch: connect to it and type a card number.
     devices.thdAddDevice(
         conn,
@@ -99,12 +138,21 @@ def _thdSeed(conn: Any, now: float) -> dict[str, str] | None:
         SITE_NAME,
         "card-reader",
         now,
-        printer="branch-colour",
+        printer=HOLD_QUEUE,
         options={"listen": f"tcp:{CARD_READER_PORT}:interface=127.0.0.1", "feedback": "line"},
     )
     policies.thdSetPolicy(conn, "offline.allowance", "5.00", now, site=SITE_NAME)
     thdAudit(conn, "demo", "demo.seed", PRIMARY_NAME, now)
     return {"token": token, "key": key}
+
+
+def _thdProviderKey(conn: Any, now: float, have_key: bool) -> str | None:
+    """Add the demo print provider (or give it a new key if its key file is gone)."""
+    try:
+        devices.thdProvider(conn, PROVIDER_NAME)
+    except NotFound:
+        return devices.thdAddProvider(conn, PROVIDER_NAME, SITE_NAME, now)
+    return None if have_key else devices.thdRotateProviderKey(conn, PROVIDER_NAME, now)
 
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:
@@ -124,20 +172,26 @@ def cheat_sheet(key: str) -> str:
         ======================================================================
          sitesrv demo: primary {PRIMARY_NAME!r} and site {SITE_NAME!r}, data in {DEMO_DIR}/
         ======================================================================
-         Health:      curl http://127.0.0.1:9193/health      (primary)
-                      curl http://127.0.0.1:9293/health      (site: watch "mode")
-         Users:       {primary} user list
-         Sites:       {primary} site list
+         Status:      http://127.0.0.1:9193/ (primary), http://127.0.0.1:9293/ (site)
+                      log in as {ADMIN_NAME} / {ADMIN_PASSWORD}
+         Release:     http://127.0.0.1:9293/release  as alice / alice-pass,
+                      or card 1001 + PIN 1234
+         Print:       add the printer ipp://127.0.0.1:{IPP_PORT}/ipp/print/{HOLD_QUEUE}
+                      (jobs are held for release; the demo printer only counts them)
+         Try the outage:
+           1) open the branch status page http://127.0.0.1:9293/
+           2) press "Simulate outage": the site goes offline
+           3) release alice's job at http://127.0.0.1:9293/release
+           4) press "Restore link" and watch the outbox drain to 0
+         Health:      curl http://127.0.0.1:9293/health      (site: watch "mode")
          Top up:      {primary} balance adjust bob 5.00 --comment "demo top-up"
          ...at site:  {site} user show bob      (replicated within a second)
          MFD login:   curl -s {auth} \\
                         -d '{{"card": "1001", "pin": "1234"}}' {api}/sessions
-         Copy charge: curl -s {auth} \\
-                        -d '{{"kind": "copy", "pages": 3}}' {api}/sessions/SESSION/usage
          Card reader: nc 127.0.0.1 {CARD_READER_PORT}   then type 1001 and Enter: a swipe
-                      releases alice's held jobs (answers "OK 0 jobs")
+                      releases alice's held jobs
          Ledger:      {primary} transactions list --user alice
-         Outbox:      {site} outbox show
+         Users:       {primary} user list
          Demo users:  alice (card 1001, PIN 1234, balance 10.00, password alice-pass)
                       bob (card 1002, balance 2.00), carol (card 0A1B2C3D)
          Stop with Ctrl-C; delete {DEMO_DIR}/ to start afresh.
@@ -146,19 +200,80 @@ def cheat_sheet(key: str) -> str:
     )
 
 
-def make_demo(reactor: Any) -> IService:
-    """Prepare ``./var/demo`` and return the demo's service tree (primary and site)."""
+class Demo(MultiService):
+    """The demo's service tree, with its parts named for the controls and for tests."""
+
+    def __init__(
+        self,
+        primary: Server,
+        site: Server,
+        proxy: LinkProxy,
+        printer: DemoPrinter,
+        provider: Provider,
+        controls: Controls,
+    ) -> None:
+        super().__init__()
+        self.primary = primary
+        self.site = site
+        self.proxy = proxy
+        self.printer = printer
+        self.provider = provider
+        self.controls = controls
+
+
+def _provider_config(site: Config, key_file: str, ca: str) -> dict[str, Any]:
+    """The demo provider's config: IPP on loopback, connected to the site's providers port."""
+    port = site.listen.providers.split(":")[1]
+    server: dict[str, Any] = {
+        "endpoint": f"tcp:127.0.0.1:{port}",
+        "key_file": key_file,
+        "max_backoff": 2.0,
+    }
+    if site.listen.providers.startswith("ssl:"):
+        server.update(ca=ca, hostname="localhost")
+    else:
+        # A branch.toml from an older demo: its providers port is plain TCP.
+        server["insecure"] = True
+    return {
+        "name": PROVIDER_NAME,
+        "data_dir": os.path.abspath(os.path.join(DEMO_DIR, PROVIDER_NAME)),
+        "server": server,
+        "ipp": {"listen": f"tcp:{IPP_PORT}:interface=127.0.0.1"},
+        "delivery": {"retries": 2, "backoff": 1.0, "timeout": 30.0},
+        "queues": {
+            HOLD_QUEUE: {
+                "info": "Branch colour printer (print, then release at the branch)",
+                "location": "sitesrv demo, site branch",
+            }
+        },
+        # Deliver to the demo printer whatever URI the server has on record.
+        "printers": {HOLD_QUEUE: {"uri": f"socket://127.0.0.1:{PRINTER_PORT}"}},
+    }
+
+
+def _attach(server: Server, controls: Controls) -> None:
+    """Give the server's status page the demo's buttons (if it has a status page)."""
+    page = getattr(server, "status_page", None)
+    if page is not None:
+        page.demo = controls
+
+
+def make_demo(reactor: Any) -> Demo:
+    """Prepare ``./var/demo`` and return the demo's service tree."""
     branch_dir = os.path.join(DEMO_DIR, "branch")
     os.makedirs(branch_dir, exist_ok=True)
     tls_dir = os.path.join(DEMO_DIR, "tls")
     if not os.path.exists(os.path.join(tls_dir, "server.key")):
         init_tls(tls_dir, ["localhost"], ["127.0.0.1"], force=True)
     # Endpoint strings are not paths the config resolves: give them absolute ones.
-    primary_config = PRIMARY_CONFIG.format(
-        key=quoteStringArgument(os.path.abspath(os.path.join(tls_dir, "server.key"))),
-        cert=quoteStringArgument(os.path.abspath(os.path.join(tls_dir, "server.crt"))),
-    )
-    for name, text in (("primary.toml", primary_config), ("branch.toml", SITE_CONFIG)):
+    tls_files = {
+        "key": quoteStringArgument(os.path.abspath(os.path.join(tls_dir, "server.key"))),
+        "cert": quoteStringArgument(os.path.abspath(os.path.join(tls_dir, "server.crt"))),
+    }
+    for name, text in (
+        ("primary.toml", PRIMARY_CONFIG.format(**tls_files)),
+        ("branch.toml", SITE_CONFIG.format(**tls_files)),
+    ):
         path = os.path.join(DEMO_DIR, name)
         if not os.path.exists(path):
             _write(path, text)
@@ -168,10 +283,55 @@ def make_demo(reactor: Any) -> IService:
     if made is not None:
         _write(os.path.join(branch_dir, "token"), made["token"] + "\n", 0o600)
         _write(key_file, made["key"] + "\n", 0o600)
-    site = make_server(load(os.path.join(DEMO_DIR, "branch.toml")), reactor)
-    demo = MultiService()
-    primary.setServiceParent(demo)
-    site.setServiceParent(demo)
+    provider_key_file = os.path.abspath(os.path.join(branch_dir, "provider.key"))
+    provider_key = primary.store.write(
+        _thdProviderKey, reactor.seconds(), os.path.exists(provider_key_file)
+    )
+    if provider_key is not None:
+        _write(provider_key_file, provider_key + "\n", 0o600)
+    site_config = load(os.path.join(DEMO_DIR, "branch.toml"))
+    site = make_server(site_config, reactor)
+
+    proxy = LinkProxy(LINK_PROXY_PORT, REPLICATION_PORT, reactor)
+    assert site_config.primary is not None
+    if site_config.primary.endpoint != f"tcp:127.0.0.1:{LINK_PROXY_PORT}":
+        log.warn(
+            "{path} predates the demo's outage button: its site does not use the link "
+            "proxy, so cutting the link changes nothing; delete {dir}/ to start afresh",
+            path=site_config.path,
+            dir=DEMO_DIR,
+        )
+    printer = DemoPrinter(PRINTER_PORT, reactor)
+    provider = make_provider(
+        provider_config(
+            _provider_config(
+                site_config, provider_key_file, os.path.abspath(os.path.join(tls_dir, "ca.crt"))
+            )
+        ),
+        reactor,
+    )
+    controls = Controls(
+        proxy.proxy, f"http://127.0.0.1:{IPP_PORT}/ipp/print/{HOLD_QUEUE}", HOLD_QUEUE, reactor
+    )
+
+    def site_knows_provider() -> Deferred[bool]:
+        # Start the provider once the site serves and its replica has the provider.
+        if not site.serving():
+            return succeed(False)
+        d = site.store.runRead(devices.thdListProviders, SITE_NAME)
+        return d.addCallback(lambda found: any(p.name == PROVIDER_NAME for p in found))
+
+    provider_start = StartWhen(site_knows_provider, reactor, f"print provider {PROVIDER_NAME!r}")
+    provider.setServiceParent(provider_start)
+    sample = FirstSample(
+        controls, provider, os.path.join(DEMO_DIR, PROVIDER_NAME, "sample-printed"), reactor
+    )
+
+    demo = Demo(primary, site, proxy, printer, provider, controls)
+    for service in (proxy, primary, site, printer, provider_start, sample):
+        service.setServiceParent(demo)
+    _attach(primary, controls)
+    _attach(site, controls)
     with open(key_file, encoding="utf-8") as f:
         key = f.read().strip()
     # The sheet is for the person who typed the command, not a log event.
