@@ -8,6 +8,8 @@ Three kinds of table live here:
 * **primary-only** tables (transactions, job log, audit log, changelog itself): never
   replicated.
 * **site-owned** tables are added by the replication and failover modules.
+* **per-server** tables (``web_admins``, ``provider_jobs``) belong to the server that
+  holds them and are never replicated.
 
 Money is always an integer number of minor units (cents); never a float.
 The alembic migrations in ``migrations/versions`` must produce exactly this schema
@@ -476,6 +478,24 @@ dead_letters = Table(
     Column("resolved_at", Time, nullable=True),
     Column("resolution", Text, nullable=False, default=""),
     UniqueConstraint("site", "uuid"),
+    sqlite_autoincrement=True,
+)
+
+
+# --- per-server: web administrators --------------------------------------------------
+
+# Who may log in to the primary's admin pages. Written without the change log, so never
+# replicated or snapshotted: a site's admin pages use the [web.admins] table of its own
+# config instead (see sitesrv/store/admins.py).
+web_admins = Table(
+    "web_admins",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    # scrypt verifier of the password (sitesrv.secrets.make_verifier).
+    Column("password_verifier", String, nullable=False),
+    Column("created_at", Time, nullable=False),
+    Column("updated_at", Time, nullable=False),
     sqlite_autoincrement=True,
 )
 
