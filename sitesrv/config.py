@@ -25,6 +25,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from twisted.internet.endpoints import quoteStringArgument
 
+from sitesrv.errors import Invalid
+from sitesrv.secrets import is_verifier
+from sitesrv.store.admins import check_admin_name
+
 ROLES = ("primary", "site")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 DEFAULT_REPLICATION_PORT = 9192
@@ -93,6 +97,10 @@ class WebConfig:
     xmlrpc_token: str | None = None
     #: A file holding that token instead (read when the server starts).
     xmlrpc_token_file: str | None = None
+    #: ``[web.admins]``: administrator name → password verifier (``sitesrv-admin admin
+    #: hash``). A site's only administrators; a primary's are these and its database's.
+    #: (Left out of the hash, which a dict would break.)
+    admins: dict[str, str] = attrs.field(factory=dict, hash=False)
 
 
 @attrs.frozen
@@ -294,7 +302,20 @@ class _Key:
 class _Table:
     """A TOML table: its known keys (in the order they are checked), the roles using it."""
 
-    keys: Mapping[str, _Key | _Table]
+    keys: Mapping[str, _Key | _Table | _Map]
+    required: bool = False
+    roles: tuple[str, ...] = ROLES
+
+
+@attrs.frozen
+class _Map:
+    """A TOML table whose keys are names the administrator chooses, all of one kind.
+
+    ``name_checks`` check each name, ``value`` each value (its type and checks).
+    """
+
+    value: _Key
+    name_checks: tuple[_Check, ...] = ()
     required: bool = False
     roles: tuple[str, ...] = ROLES
 
@@ -380,6 +401,26 @@ def _database_url(value: str) -> str:
     return value
 
 
+def _admin_name(name: str) -> str:
+    # The same rule as `sitesrv-admin admin add`.
+    try:
+        checked = check_admin_name(name)
+    except Invalid as e:
+        raise ValueError(str(e)) from None
+    if checked != name:
+        raise ValueError("admin name must not begin or end with spaces")
+    return name
+
+
+def _verifier(value: str) -> str:
+    if not is_verifier(value.strip()):
+        raise ValueError(
+            "not a password verifier (make one with `sitesrv-admin admin hash"
+            " --password-stdin`: it looks like scrypt$16384$8$1$...$...)"
+        )
+    return value.strip()
+
+
 def _fingerprint(value: str) -> str:
     # Same normalisation as sitesrv.tls: colons and spaces are only for readability.
     digits = re.sub(r"[\s:]", "", value).lower()
@@ -452,6 +493,7 @@ _SCHEMA = _Table(
                 "site_grace": _Key(float, checks=(_positive,), roles=("primary",)),
                 "xmlrpc_token": _Key(str, checks=(_api_token,), roles=("primary",)),
                 "xmlrpc_token_file": _Key(str, checks=(_not_empty,), roles=("primary",)),
+                "admins": _Map(_Key(str, checks=(_verifier,)), name_checks=(_admin_name,)),
             }
         ),
     }
@@ -516,7 +558,7 @@ def _role_phrase(roles: tuple[str, ...]) -> str:
     return " or ".join(f"role = {json.dumps(r)}" for r in roles)
 
 
-def _first_required(spec: _Key | _Table, key: tuple[str, ...]) -> tuple[str, ...]:
+def _first_required(spec: _Key | _Table | _Map, key: tuple[str, ...]) -> tuple[str, ...]:
     """The key to name when *spec* is missing: a missing table is reported by its first
     required key, which is what the administrator has to add."""
     if isinstance(spec, _Table):
@@ -560,12 +602,36 @@ def _check_table(
         if isinstance(spec, _Table):
             values[name] = _check_table(spec, data[name], key, role)
             continue
+        if isinstance(spec, _Map):
+            values[name] = _check_map(spec, data[name], key)
+            continue
         try:
             value = _check_type(spec.type, data[name])
             for check in spec.checks:
                 value = check(value)
         except ValueError as e:
             raise _Problem(_dotted(key), str(e)) from None
+        values[name] = value
+    return values
+
+
+def _check_map(spec: _Map, data: object, where: tuple[str, ...]) -> dict[str, Any]:
+    """Check each name and value of a `_Map` table; return the checked values."""
+    if not isinstance(data, Mapping):
+        raise _Problem(
+            _dotted(where), f"expected {_describe_type(dict)}, got {_describe_value(data)}"
+        )
+    values: dict[str, Any] = {}
+    for name, raw in data.items():
+        key = _dotted((*where, str(name)))
+        try:
+            for check in spec.name_checks:
+                check(name)
+            value = _check_type(spec.value.type, raw)
+            for check in spec.value.checks:
+                value = check(value)
+        except ValueError as e:
+            raise _Problem(key, str(e)) from None
         values[name] = value
     return values
 

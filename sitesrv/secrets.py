@@ -57,6 +57,32 @@ def check_verifier(secret: str, verifier: str) -> bool:
     return hmac.compare_digest(actual, expected)
 
 
+def _b64_bytes(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        return None
+
+
+def is_verifier(text: str) -> bool:
+    """Whether ``text`` is a well-formed verifier as `make_verifier` writes them.
+
+    Only the form is checked (scheme, cost parameters, base64 salt and hash), so a config
+    file's pasted verifier can be refused when it is loaded, not at the first login.
+    """
+    parts = text.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        return False
+    if not all(p.isascii() and p.isdigit() for p in parts[1:4]):
+        return False
+    n, r, p = (int(x) for x in parts[1:4])
+    # n a power of two above 1, as scrypt requires; r and p at least 1.
+    if n < 2 or n & (n - 1) or r < 1 or p < 1:
+        return False
+    salt, digest = _b64_bytes(parts[4]), _b64_bytes(parts[5])
+    return bool(salt) and bool(digest)
+
+
 def new_token() -> str:
     """A new random token (enrolment tokens, provider and device API keys)."""
     return secrets.token_urlsafe(32)
