@@ -28,10 +28,20 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from sitesrv import __version__
 from sitesrv.config import Config, ConfigError, load
-from sitesrv.errors import Invalid, ReadOnly, SitesrvError
+from sitesrv.errors import AlreadyExists, Invalid, NotFound, ReadOnly, SitesrvError
 from sitesrv.money import AmountError, format_amount, parse_amount
 from sitesrv.secrets import make_verifier
-from sitesrv.store import Store, changelog, ledger, policies, printers, replica, sites, users
+from sitesrv.store import (
+    Store,
+    admins,
+    changelog,
+    ledger,
+    policies,
+    printers,
+    replica,
+    sites,
+    users,
+)
 from sitesrv.store import devices as devicestore
 from sitesrv.store import jobs as jobstore
 from sitesrv.store import outbox as outboxstore
@@ -46,6 +56,17 @@ CONFIG_ENV = "SITESRV_CONFIG"
 #: PINs are short so that people can type them on a device keypad; lockouts protect them.
 PIN = re.compile(r"[0-9]{4,12}")
 MAX_PASSWORD = 1024
+#: Web administrators guard every admin page: longer than a user's minimum of one.
+MIN_ADMIN_PASSWORD = 8
+
+#: Why ``admin add/password/remove/list`` refuse to run with a site's config.
+_SITE_ADMINS = (
+    "web administrators live in the primary's database and are never replicated; a"
+    " site's are the [web.admins] table of its config (make a verifier with"
+    " `sitesrv-admin admin hash --password-stdin`)"
+)
+ADMINS_CHANGED_ON_SITE = f"make changes on the primary: {_SITE_ADMINS}"
+ADMINS_LISTED_ON_SITE = f"list administrators on the primary: {_SITE_ADMINS}"
 
 #: Policies whose stored value is an amount in minor units (shown and typed as an amount).
 AMOUNT_POLICIES = frozenset({"offline.allowance"})
@@ -427,6 +448,74 @@ def _user_set_password(admin: Admin) -> Output:
         lambda conn, now: users.thdSetPassword(conn, name, verifier, now),
     )
     return Done(f"set the password of {name}", {"username": name, "has_password": True})
+
+
+# -- web administrators ----------------------------------------------------------------
+
+
+def _admin_password(admin: Admin) -> str:
+    if not admin.args.password_stdin and not admin.stdin.isatty():
+        raise CommandError("give --password-stdin to read the password from standard input")
+    password = admin.read_secret("password")
+    if not password:
+        raise CommandError("the password must not be empty")
+    if len(password) < MIN_ADMIN_PASSWORD:
+        raise CommandError(
+            f"an administrator's password must be at least {MIN_ADMIN_PASSWORD} characters"
+        )
+    if len(password) > MAX_PASSWORD:
+        raise CommandError(f"the password must be at most {MAX_PASSWORD} characters")
+    return password
+
+
+def _admin_add(admin: Admin) -> Output:
+    name = admins.check_admin_name(admin.args.name)
+    # Fail on a taken name before asking for the password and hashing it.
+    if admin.read(admins.thdAdminVerifier, name) is not None:
+        raise AlreadyExists(f"admin {name!r} already exists")
+    # Hashing is slow on purpose: do it before the write transaction, not inside it.
+    verifier = make_verifier(_admin_password(admin))
+    admin.write("admin.add", name, lambda conn, now: admins.thdAddAdmin(conn, name, verifier, now))
+    return Done(f"added web administrator {name}", {"admin": name})
+
+
+def _admin_password_set(admin: Admin) -> Output:
+    name = admin.args.name
+    # Fail on an unknown name before asking for the password and hashing it.
+    if admin.read(admins.thdAdminVerifier, name) is None:
+        raise NotFound(f"no admin named {name!r}")
+    verifier = make_verifier(_admin_password(admin))
+    admin.write(
+        "admin.password",
+        name,
+        lambda conn, now: admins.thdSetAdminPassword(conn, name, verifier, now),
+    )
+    return Done(f"set the password of web administrator {name}", {"admin": name})
+
+
+def _admin_remove(admin: Admin) -> Output:
+    name = admin.args.name
+    admin.write("admin.remove", name, lambda conn, now: admins.thdRemoveAdmin(conn, name, now))
+    return Done(f"removed web administrator {name}", {"admin": name, "removed": True})
+
+
+def _admin_list(admin: Admin) -> Output:
+    rows = [
+        {"name": a.name, "created": _time(a.created_at), "updated": _time(a.updated_at)}
+        for a in admin.read(admins.thdListAdmins)
+    ]
+    columns = (Column("name", "NAME"), Column("created", "CREATED"), Column("updated", "UPDATED"))
+    return Table(columns, rows, "no web administrators")
+
+
+def _admin_hash(admin: Admin) -> Output:
+    verifier = make_verifier(_admin_password(admin))
+    return Secret(
+        "verifier",
+        verifier,
+        'password verifier for a [web.admins] entry in a config (NAME = "..."):',
+        {"verifier": verifier},
+    )
 
 
 # -- cards and balances ----------------------------------------------------------------
@@ -875,13 +964,8 @@ def _report_overdraft(admin: Admin) -> Output:
     return _transaction_table(admin, found, "no offline overdrafts")
 
 
-def _thdSuspense(conn: Connection, limit: int) -> list[ledger.Transaction]:
-    account = ledger.thdAccount(conn, ledger.SUSPENSE_ACCOUNT)
-    return ledger.thdListTransactions(conn, account.id, limit)
-
-
 def _report_suspense(admin: Admin) -> Output:
-    found = admin.read(_thdSuspense, admin.args.limit)
+    found = admin.read(ledger.thdSuspense, admin.args.limit)
     return _transaction_table(admin, found, "nothing in suspense")
 
 
@@ -1131,6 +1215,12 @@ def _group(commands: Commands, name: str, help: str) -> Commands:
     return parser.add_subparsers(title="commands", dest="subcommand", required=True)
 
 
+def _password_stdin(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin's first line"
+    )
+
+
 def _limit(parser: argparse.ArgumentParser, default: int = 100) -> None:
     parser.add_argument(
         "--limit", type=_positive, default=default, metavar="N", help="newest N (%(default)s)"
@@ -1172,6 +1262,24 @@ def build_parser() -> argparse.ArgumentParser:
         ("set-password", _user_set_password, W, "set a password from stdin's first line"),
     ):
         _command(g, name, handler, kind, help).add_argument("name")
+
+    g = _group(commands, "admin", "administrators of the web admin pages")
+    for name, handler, kind, help in (
+        ("add", _admin_add, W, "add an administrator; password from stdin's first line"),
+        ("password", _admin_password_set, W, "set an administrator's password from stdin"),
+        ("remove", _admin_remove, W, "remove an administrator"),
+    ):
+        p = _command(g, name, handler, kind, help)
+        p.add_argument("name")
+        if name != "remove":
+            _password_stdin(p)
+        p.set_defaults(site_refusal=ADMINS_CHANGED_ON_SITE)
+    p = _command(g, "list", _admin_list, R, "list the administrators in the database")
+    p.set_defaults(site_refusal=ADMINS_LISTED_ON_SITE)
+    p = _command(
+        g, "hash", _admin_hash, Kind.LOCAL, "print a password verifier for a [web.admins] entry"
+    )
+    _password_stdin(p)
 
     g = _group(commands, "card", "card numbers")
     p = _command(g, "add", _card_add, W, "give a user a card")
@@ -1336,6 +1444,10 @@ def _run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO
     if not path and kind is not Kind.LOCAL:
         raise UsageError(f"no configuration: give --config FILE or set {CONFIG_ENV}")
     config = load(path) if path else None
+    # Commands about what a site does not have (web administrators) say where it is.
+    refusal = getattr(args, "site_refusal", None)
+    if refusal is not None and config is not None and config.role != "primary":
+        raise CommandError(refusal)
     if kind is Kind.WRITE and config is not None and config.role != "primary":
         # Refused before the database is opened: a site's data is the primary's replica.
         raise ReadOnly()
