@@ -232,3 +232,8 @@ def thdOverdrafts(conn: Connection, limit: int = 100) -> list[Transaction]:
         .limit(limit)
     )
     return [_transaction(r) for r in rows]
+
+
+def thdSuspense(conn: Connection, limit: int = 100) -> list[Transaction]:
+    """The newest charges posted to the Suspense account (their user or account was gone)."""
+    return thdListTransactions(conn, thdAccount(conn, SUSPENSE_ACCOUNT).id, limit)
