@@ -15,7 +15,7 @@ the grace period to reconnect before calling them down.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import attrs
@@ -58,6 +58,9 @@ class SiteHealth:
     clock_skew: float | None
     software_version: str | None
     protocol_version: int | None
+    #: Outbox records the site holds that the primary has not applied, from its last
+    #: heartbeat (None when it has not said since the primary started).
+    outbox_pending: int | None = None
 
     def asdict(self) -> dict[str, Any]:
         """The JSON form."""
@@ -90,6 +93,7 @@ def site_health(
     now: float,
     started_at: float,
     grace: float,
+    outbox_pending: int | None = None,
 ) -> SiteHealth:
     """Judge one site from its enrolment, its link record and whether it has a session."""
     if link is None:
@@ -129,6 +133,7 @@ def site_health(
         clock_skew=link.skew,
         software_version=link.software_version,
         protocol_version=link.protocol_version,
+        outbox_pending=outbox_pending,
     )
 
 
@@ -175,9 +180,11 @@ class SiteMonitor:
         clock: IReactorTime,
         grace: float = DEFAULT_GRACE,
         started_at: float | None = None,
+        outbox: Callable[[], Mapping[str, int | None]] = dict,
     ) -> None:
         self.read = read
         self.live = live
+        self.outbox = outbox
         self.clock = clock
         self.grace = grace
         self.started_at = clock.seconds() if started_at is None else started_at
@@ -189,6 +196,7 @@ class SiteMonitor:
     async def _report(self) -> SitesReport:
         sites, links, head = await self.read(thdSitesAndLinks)
         live = set(self.live())
+        outbox = self.outbox()
         now = self.clock.seconds()
         return SitesReport(
             [
@@ -200,6 +208,7 @@ class SiteMonitor:
                     now,
                     self.started_at,
                     self.grace,
+                    outbox.get(site.name),
                 )
                 for site in sites
             ],

@@ -79,9 +79,14 @@ class Hello(amp.Command):
 
 
 class Heartbeat(amp.Command):
-    """Either way: proof of life every interval; a site's also carries its position."""
+    """Either way: proof of life every interval; a site's also carries its position and
+    how many outbox records it holds that the primary has not applied (peers that predate
+    ``outbox_pending`` ignore it)."""
 
-    arguments = [(b"position", amp.Integer(optional=True))]
+    arguments = [
+        (b"position", amp.Integer(optional=True)),
+        (b"outbox_pending", amp.Integer(optional=True)),
+    ]
     response: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     requiresAnswer = False
 

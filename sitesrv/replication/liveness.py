@@ -117,14 +117,22 @@ class LivenessAMP(amp.AMP):
         """Called when the peer is dropped for silence, before the connection closes."""
 
     @Heartbeat.responder
-    def heartbeat(self, position: int | None = None) -> dict[str, Any]:
-        """Receiving it was the point; a position, if any, goes to ``peerPosition``."""
+    def heartbeat(
+        self, position: int | None = None, outbox_pending: int | None = None
+    ) -> dict[str, Any]:
+        """Receiving it was the point; a position, if any, goes to ``peerPosition``, an
+        outbox count to ``peerOutbox``."""
         if position is not None:
             self.peerPosition(position)
+        if outbox_pending is not None:
+            self.peerOutbox(outbox_pending)
         return {}
 
     def peerPosition(self, position: int) -> None:
         """The peer reported the change-log position it has applied."""
+
+    def peerOutbox(self, pending: int) -> None:
+        """The peer reported how many outbox records it holds unapplied."""
 
     def stopHeartbeat(self) -> None:
         """Stop sending heartbeats."""

@@ -120,6 +120,8 @@ class SiteSession(LivenessAMP):
     site: str | None = None
     protocol_version = sitesrv.PROTOCOL_VERSION
     passwords_included = False
+    #: Outbox records the site holds that are not applied here, from its last heartbeat.
+    outbox_pending: int | None = None
 
     def __init__(self, service: PrimaryReplication) -> None:
         super().__init__(clock=service.clock, monotonic=service.monotonic)
@@ -284,6 +286,10 @@ class SiteSession(LivenessAMP):
         if now - self._last_link_write >= LINK_WRITE_INTERVAL:
             self._last_link_write = now
             await self.store.runWrite(thdLinkSeen, site, now, position)
+
+    def peerOutbox(self, pending: int) -> None:
+        """The site's outbox size, for the status page's table of sites."""
+        self.outbox_pending = max(0, pending)
 
     def peerPosition(self, position: int) -> None:
         """The site has applied the change log up to ``position`` (from a heartbeat or a

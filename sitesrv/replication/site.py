@@ -57,7 +57,7 @@ from sitesrv.replication.liveness import LivenessAMP
 from sitesrv.replication.primary import decode_change
 from sitesrv.store import Store
 from sitesrv.store.changelog import Change
-from sitesrv.store.outbox import thdOwnAppliedSeq, thdPending
+from sitesrv.store.outbox import thdOwnAppliedSeq, thdPending, thdPendingCount
 from sitesrv.store.replica import (
     ReplicaError,
     thdApplyChanges,
@@ -126,6 +126,9 @@ class PrimaryLinkProtocol(LivenessAMP):
         # after a restore, the old replica's applied_seq is ahead of the primary's, and
         # a record submitted above it would make the primary skip the ones it lost.
         self._mayDrain = False
+        # The outbox's unapplied records when last counted (sent with heartbeats).
+        self._outboxPending: int | None = None
+        self._countingOutbox = False
 
     # -- connecting -----------------------------------------------------------------
 
@@ -389,8 +392,30 @@ class PrimaryLinkProtocol(LivenessAMP):
             self._pulling = False
 
     def heartbeatArguments(self) -> dict[str, Any]:
-        """Tell the primary how far the replica has got (for ``site list`` and trimming)."""
-        return {"position": self.position}
+        """Tell the primary how far the replica has got (for ``site list`` and trimming)
+        and the outbox's size at the last count (for its status page); count again for
+        the next heartbeat, off the reactor thread."""
+        self._countOutbox()
+        arguments: dict[str, Any] = {"position": self.position}
+        if self._outboxPending is not None:
+            arguments["outbox_pending"] = self._outboxPending
+        return arguments
+
+    def _countOutbox(self) -> None:
+        if self._countingOutbox:
+            return
+        self._countingOutbox = True
+
+        def counted(pending: int) -> None:
+            self._outboxPending = pending
+
+        def done(_: object) -> None:
+            self._countingOutbox = False
+
+        d = self.store.runRead(thdPendingCount)
+        d.addCallback(counted)
+        d.addErrback(lambda f: log.failure("counting the outbox", f))
+        d.addBoth(done)
 
     def peerSilent(self, reason: str) -> None:
         """The primary missed three heartbeats: go offline now, before the close."""
