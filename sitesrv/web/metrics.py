@@ -9,6 +9,7 @@ the root serves, so a scanner's made-up paths cannot add series.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web.resource import ErrorPage, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from sitesrv.interfaces import IStatusSource
@@ -64,8 +65,46 @@ class MetricsResource(Resource):
         return NOT_DONE_YET
 
 
+#: The largest request body the web port keeps (forms, device API, XML-RPC); each
+#: resource applies its own, smaller limit too.
+MAX_REQUEST_BODY = 262_144
+
+
+class BoundedRequest(Request):
+    """A request whose body is discarded past its site's ``max_body`` (then answered 413)."""
+
+    too_large = False
+    received = 0
+
+    def _limit(self) -> int:
+        return int(getattr(self.channel, "site", None).max_body)  # type: ignore[union-attr]
+
+    def gotLength(self, length: int | None) -> None:
+        """Refuse at once (by discarding it) a body announced as too large."""
+        if length is not None and length > self._limit():
+            self.too_large = True
+            self.content = io.BytesIO()
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Keep the chunk unless the body has grown past the limit."""
+        self.received += len(data)
+        if not self.too_large and self.received > self._limit():
+            self.too_large = True
+            if self.content is not None:
+                self.content.close()
+            self.content = io.BytesIO()
+        if not self.too_large:
+            super().handleContentChunk(data)
+
+
 class MeasuredSite(Site):
-    """A ``Site`` that times and counts every request in ``metrics``."""
+    """A ``Site`` that times and counts every request in ``metrics``, bounds request
+    bodies (``max_body``) and never shows a traceback to a client."""
+
+    requestFactory = BoundedRequest
+    displayTracebacks = False
 
     def __init__(
         self,
@@ -77,6 +116,7 @@ class MeasuredSite(Site):
         super().__init__(resource, **kwargs)
         self.metrics = metrics
         self.monotonic = monotonic
+        self.max_body = MAX_REQUEST_BODY
 
     def route(self, request: Request) -> str:
         """The label of a request: ``/`` plus its first path segment if the root has it."""
@@ -105,4 +145,8 @@ class MeasuredSite(Site):
             self.metrics.http_responses.labels(route, code).inc()
 
         request.notifyFinish().addBoth(done)
+        if getattr(request, "too_large", False):
+            return ErrorPage(
+                413, "Request too large", f"Request bodies are limited to {self.max_body} bytes."
+            )
         return super().getResourceFor(request)
