@@ -57,6 +57,20 @@ class _Skipped:
     unknown: bool = False
 
 
+@attrs.frozen
+class DeviceState:
+    """One device of this site as the status page shows it."""
+
+    name: str
+    connector: str
+    printer: str | None
+    #: "running" or "skipped".
+    state: str
+    connections: int
+    #: Why it was skipped, or the problem its connector reports ("" when none).
+    problem: str
+
+
 def _config(device: Device) -> tuple[str, str, tuple[tuple[str, str], ...], str | None]:
     """What a connector service is made from: a change to any of it restarts the service."""
     return (device.site, device.connector, tuple(sorted(device.options.items())), device.printer)
@@ -122,6 +136,32 @@ class ConnectorManager(MultiService):
             connector = running.device.connector
             totals[connector] = totals.get(connector, 0) + count
         return totals
+
+    def deviceStates(self) -> list[DeviceState]:
+        """Every device of this site the manager knows, running or skipped, by name."""
+        states = [
+            DeviceState(
+                name=name,
+                connector=r.device.connector,
+                printer=r.device.printer,
+                state="running",
+                connections=int(getattr(r.core, "connections", 0)),
+                problem=str(getattr(r.core, "problem", "") or ""),
+            )
+            for name, r in self.devices.items()
+        ]
+        states += [
+            DeviceState(
+                name=name,
+                connector=s.device.connector,
+                printer=s.device.printer,
+                state="skipped",
+                connections=0,
+                problem=s.why,
+            )
+            for name, s in self.skipped.items()
+        ]
+        return sorted(states, key=lambda s: s.name)
 
     def known(self) -> list[str]:
         """The connector names the installed plugins provide."""

@@ -25,7 +25,7 @@ from zope.interface import implementer
 import sitesrv
 from sitesrv.cardnumber import CardNormaliser
 from sitesrv.config import Config
-from sitesrv.connectormanager import ConnectorManager
+from sitesrv.connectormanager import ConnectorManager, DeviceState
 from sitesrv.core.auth import Authenticator, AuthFailed, FailureThrottle
 from sitesrv.core.devicecore import DeviceCore
 from sitesrv.core.findme import FindMe
@@ -37,6 +37,7 @@ from sitesrv.replication.primary import PrimaryReplication
 from sitesrv.replication.site import SiteReplication, link_endpoint
 from sitesrv.sitehealth import SKEW_WARNING, SiteMonitor, skew_problem
 from sitesrv.store import Store
+from sitesrv.store.admins import check_admin
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
 from sitesrv.store.devices import Device
 from sitesrv.store.jobqueue import thdCountByState
@@ -45,8 +46,11 @@ from sitesrv.store.replica import thdReplicaState
 from sitesrv.tls import TLSError
 from sitesrv.web import xmlrpc
 from sitesrv.web.metrics import MeasuredSite, MetricsResource
+from sitesrv.web.pages import Sessions
+from sitesrv.web.release import ReleaseStation
 from sitesrv.web.root import make_root
 from sitesrv.web.sitehealth import SitesHealthResource
+from sitesrv.web.status import DemoPage, LoginPage, LogoutPage, StatusPage
 
 T = TypeVar("T")
 
@@ -131,6 +135,7 @@ class Server(MultiService):
         self.connectors.setServiceParent(self)
         root = make_root(self, self.gate, store.runRead, reactor, self.findme)
         self._mountMonitoring(root)
+        self._mountPages(root)
         self.site = MeasuredSite(root, self.metrics)
         self.web = strports.service(config.listen.web, self.site, reactor=reactor)
         self.web.setServiceParent(self)
@@ -154,6 +159,9 @@ class Server(MultiService):
             self.reactor,
             grace=config.web.site_grace,
             started_at=self.started_at,
+            outbox=lambda: {
+                n: getattr(s, "outbox_pending", None) for n, s in replication.sessions.items()
+            },
         )
         listener = strports.service(
             config.replication_endpoint, replication.factory(), reactor=self.reactor
@@ -219,6 +227,41 @@ class Server(MultiService):
                 normaliser=self.authenticator.normaliser,
             )
             xmlrpc.mount(root, api)
+
+    def _mountPages(self, root: Resource) -> None:
+        """The status page ``/`` (with its login) and the release station ``/release``."""
+        self.sessions = sessions = Sessions(self.reactor)
+        self.status_page = StatusPage(sessions, self, self.store.runRead, self.reactor)
+        throttle = FailureThrottle(self.reactor)
+        root.putChild(b"", self.status_page)
+        root.putChild(b"login", LoginPage(sessions, self.checkAdmin, throttle, self.config.role))
+        root.putChild(b"logout", LogoutPage(sessions))
+        root.putChild(b"demo", DemoPage(sessions, self.status_page))
+        root.putChild(
+            b"release",
+            ReleaseStation(sessions, self.gate, self.findme, self.store.runRead, self.config.name),
+        )
+
+    def checkAdmin(self, name: str, password: str) -> Deferred[bool]:
+        """Whether ``name`` and ``password`` are an administrator's: from the config's
+        ``[web.admins]``, and on the primary also those made with ``admin add``."""
+        return Deferred.fromCoroutine(
+            check_admin(
+                name,
+                password,
+                config_admins=self.config.web.admins,
+                read=self.store.runRead if self.config.role == "primary" else None,
+                run_cpu=self.runCPU,
+            )
+        )
+
+    def deviceStates(self) -> list[DeviceState]:
+        """This site's devices and their connectors (for the status page)."""
+        return self.connectors.deviceStates()
+
+    def providersConnected(self) -> frozenset[str]:
+        """The print providers connected now (for the status page)."""
+        return self.providers.connected()
 
     def _outboxChanged(self) -> None:
         if isinstance(self.replication, SiteReplication):

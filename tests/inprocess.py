@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, cast
+from urllib.parse import parse_qs
 
 import attrs
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
+from twisted.web import http
 from twisted.web.error import UnsupportedMethod
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
@@ -125,3 +129,111 @@ def get(server: Server, path: str, method: bytes = b"GET") -> Answer:
     types = request.responseHeaders.getRawHeaders(b"content-type")
     content_type = types[0].decode("ascii") if types else None
     return Answer(request.responseCode or 200, body, content_type)
+
+
+class WebRequest(DummyRequest):
+    """A ``DummyRequest`` with cookies, a client address and (optionally) TLS."""
+
+    def __init__(
+        self, postpath: list[bytes], cookies: dict[bytes, bytes], secure: bool, client: str
+    ) -> None:
+        super().__init__(postpath, client=IPv4Address("TCP", client, 40000))
+        self.received_cookies = dict(cookies)
+        self.cookies: list[bytes] = []
+        self._secure = secure
+
+    def getCookie(self, key: bytes) -> bytes | None:
+        """The cookie the browser sent."""
+        return self.received_cookies.get(key)
+
+    def addCookie(self, k: Any, v: Any, **kwargs: Any) -> None:
+        """Set a cookie as twisted.web does (so its attributes are the real ones)."""
+        http.Request.addCookie(cast(Any, self), k, v, **kwargs)
+
+    def isSecure(self) -> bool:
+        """Whether the request came over TLS."""
+        return self._secure
+
+
+@attrs.frozen
+class Page:
+    """A finished page and the cookies it set (raw ``Set-Cookie`` values)."""
+
+    code: int
+    body: bytes
+    location: str | None
+    set_cookies: list[bytes]
+    headers: dict[bytes, bytes]
+
+    @property
+    def text(self) -> str:
+        """The body as text."""
+        return self.body.decode("utf-8")
+
+
+class Browser:
+    """Requests through a ``Server``'s web site with a cookie jar, as a browser would."""
+
+    def __init__(self, server: Server, secure: bool = False, client: str = "127.0.0.1") -> None:
+        self.server = server
+        self.secure = secure
+        self.client = client
+        self.cookies: dict[bytes, bytes] = {}
+        self.last_csrf: str | None = None
+
+    def request(self, method: bytes, path: str, fields: Mapping[str, Any] | None = None) -> Page:
+        """Send one request; ``fields`` are posted as an urlencoded form."""
+        target, _, query = path.partition("?")
+        segments = target.lstrip("/").split("/")
+        request = WebRequest(
+            [s.encode("utf-8") for s in segments], self.cookies, self.secure, self.client
+        )
+        request.method = method
+        request.uri = path.encode("utf-8")
+        request.path = target.encode("utf-8")
+        request.args = {k.encode(): [v.encode() for v in vs] for k, vs in parse_qs(query).items()}
+        if fields is not None:
+            request.requestHeaders.setRawHeaders(
+                b"content-type", [b"application/x-www-form-urlencoded"]
+            )
+            for key, value in fields.items():
+                values = value if isinstance(value, list) else [value]
+                request.args[key.encode()] = [str(v).encode() for v in values]
+        resource = self.server.site.getResourceFor(cast(Any, request))
+        result = resource.render(request)
+        if result is not NOT_DONE_YET:
+            request.write(result)
+            request.finish()
+        assert request.finished, f"{method!r} {path} did not finish"
+        body = b"".join(request.written)
+        assert TRACEBACK.encode() not in body, body
+        found = re.search(rb'<input[^>]*name="csrf"[^>]*value="([^"]*)"', body)
+        if found:
+            self.last_csrf = found.group(1).decode()
+        for cookie in request.cookies:
+            name, _, rest = cookie.partition(b"=")
+            self.cookies[name] = rest.split(b";")[0]
+        locations = request.responseHeaders.getRawHeaders(b"location")
+        return Page(
+            request.responseCode or 200,
+            body,
+            locations[0].decode() if locations else None,
+            list(request.cookies),
+            {k.lower(): v[-1] for k, v in request.responseHeaders.getAllRawHeaders()},
+        )
+
+    def get(self, path: str) -> Page:
+        """GET ``path``."""
+        return self.request(b"GET", path)
+
+    def post(self, path: str, fields: Mapping[str, Any], csrf: bool = True) -> Page:
+        """POST a form, with the CSRF token of the page last read unless ``csrf`` is False."""
+        if csrf:
+            fields = {"csrf": self.csrf, **fields}
+        return self.request(b"POST", path, fields)
+
+    @property
+    def csrf(self) -> str:
+        """The CSRF token in the last page read that had a form."""
+        assert self.last_csrf is not None, "no page with a form read yet"
+        return self.last_csrf
