@@ -176,6 +176,21 @@ class ExampleConfigTests(SynchronousTestCase):
         self.assertEqual(link.endpoint, "tcp:hq.example.org:9192")
         self.assertEqual(link.hostname, "hq.example.org")
 
+    def test_site_admins_as_the_comment_says(self) -> None:
+        """The site's [web.admins] block, uncommented with an `admin hash` verifier, loads."""
+        verifier = admin_sync(
+            None, "admin", "hash", "--password-stdin", stdin="a long passphrase\n"
+        ).out.strip()
+        with open(example("site.toml"), encoding="utf-8") as f:
+            text = f.read()
+        block = '# [web.admins]\n# alice = "scrypt$16384$8$1$...$..."\n'
+        self.assertIn(block, text)
+        path = os.path.join(os.path.abspath(self.mktemp()), "site.toml")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text.replace(block, f'[web.admins]\nalice = "{verifier}"\n'))
+        self.assertEqual(server_config.load(path).web.admins, {"alice": verifier})
+
     def test_provider_uses_tls(self) -> None:
         """The provider: its site server's port 9191 checked by CA, IPP over TLS."""
         provider = provider_config.load(example("provider.toml"))
