@@ -15,6 +15,7 @@ import json
 import os
 import random
 import zlib
+import uuid as uuidlib
 from typing import Any
 
 from hypothesis import given, settings
@@ -49,7 +50,7 @@ from sitesrv.replication.commands import (
 )
 from sitesrv.replication.primary import MAX_SNAPSHOTS, PrimaryReplication
 from sitesrv.replication.site import PrimaryLinkProtocol, SiteReplication
-from sitesrv.store import Store
+from sitesrv.store import Store, outbox
 from sitesrv.store.bootstrap import thdInitPrimary
 from sitesrv.store.changelog import (
     Change,
@@ -745,6 +746,18 @@ class HeartbeatTests(ReplicationTestCase):
         self.advance(30 * BEAT)
         self.assertFalse(wire.closed)
         self.assertEqual(north.mode, "online")
+
+    def test_heartbeats_carry_the_outbox_size(self) -> None:
+        """The site's heartbeats tell the primary how many outbox records wait (counted
+        off the reactor thread at each heartbeat, sent with the next one)."""
+        north, wire = self.synced_north()
+        self.advance(2 * BEAT)
+        self.assertEqual(wire.server.outbox_pending, 0)
+        # Recorded behind the link's back (no outboxChanged): it stays pending.
+        record = {"uuid": str(uuidlib.uuid4()), "kind": "charge", "amount": -1}
+        north.store.write(outbox.thdRecord, record, NOW)
+        self.advance(2 * BEAT)
+        self.assertEqual(wire.server.outbox_pending, 1)
 
     def test_site_drops_a_silent_primary(self) -> None:
         north, wire = self.synced_north()
