@@ -14,8 +14,8 @@ import gc
 import json
 import os
 import random
-import zlib
 import uuid as uuidlib
+import zlib
 from typing import Any
 
 from hypothesis import given, settings
