@@ -84,7 +84,7 @@ class ExampleTests(ConfigTestCase):
     def test_site_example(self) -> None:
         """examples/site.toml is a working site config trusting the primary's CA."""
         c = config.load(os.path.join(EXAMPLES, "site.toml"))
-        self.assertEqual((c.role, c.name), ("site", "branch-north"))
+        self.assertEqual((c.role, c.name), ("site", "north"))
         assert c.primary is not None
         self.assertEqual(c.primary.endpoint, "tcp:hq.example.org:9192")
         self.assertEqual(c.primary.ca, "/var/lib/sitesrv/tls/ca.crt")
