@@ -66,34 +66,6 @@ class ConfigTestCase(SynchronousTestCase):
         return e
 
 
-class ExampleTests(ConfigTestCase):
-    def test_primary_example(self) -> None:
-        """examples/primary.toml is a working primary config with TLS listeners."""
-        c = config.load(os.path.join(EXAMPLES, "primary.toml"))
-        self.assertEqual((c.role, c.name, c.data_dir), ("primary", "hq", "/var/lib/sitesrv"))
-        self.assertIsNone(c.primary)
-        self.assertTrue(c.listen.providers.startswith("ssl:9191:"))
-        self.assertTrue(c.listen.web.startswith("ssl:9193:"))
-        self.assertEqual(c.tls.key, "/var/lib/sitesrv/tls/server.key")
-        self.assertEqual(
-            c.replication_endpoint,
-            "ssl:9192:privateKey=/var/lib/sitesrv/tls/server.key"
-            ":certKey=/var/lib/sitesrv/tls/server.crt",
-        )
-
-    def test_site_example(self) -> None:
-        """examples/site.toml is a working site config trusting the primary's CA."""
-        c = config.load(os.path.join(EXAMPLES, "site.toml"))
-        self.assertEqual((c.role, c.name), ("site", "north"))
-        assert c.primary is not None
-        self.assertEqual(c.primary.endpoint, "tcp:hq.example.org:9192")
-        self.assertEqual(c.primary.ca, "/var/lib/sitesrv/tls/ca.crt")
-        self.assertEqual(c.primary.hostname, "hq.example.org")
-        self.assertIsNone(c.primary.fingerprint)
-        self.assertFalse(c.primary.insecure)
-        self.assertTrue(c.listen.web.startswith("ssl:9193:"))
-
-
 class DefaultTests(ConfigTestCase):
     def test_primary_defaults(self) -> None:
         """A minimal primary gets the documented defaults."""
