@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -30,7 +31,7 @@ from sitesrv.provider.config import from_dict as provider_config
 from sitesrv.provider.service import Provider, make_provider
 from sitesrv.secrets import make_verifier
 from sitesrv.server import Server, make_server
-from sitesrv.store import devices, policies, printers, sites, users
+from sitesrv.store import admins, devices, policies, printers, sites, users
 from sitesrv.store.audit import thdAudit
 from sitesrv.tls import init_tls
 
@@ -88,6 +89,10 @@ token_file = "branch/token"
 [replication]
 # Reconnect within 2 s of "Restore link".
 max_backoff = 2.0
+
+[web.admins]
+# The status page's login: {ADMIN_NAME} / {ADMIN_PASSWORD}.
+{ADMIN_NAME} = "{{admin}}"
 """
 
 DEMO_USERS = (
@@ -153,6 +158,14 @@ def _thdProviderKey(conn: Any, now: float, have_key: bool) -> str | None:
     except NotFound:
         return devices.thdAddProvider(conn, PROVIDER_NAME, SITE_NAME, now)
     return None if have_key else devices.thdRotateProviderKey(conn, PROVIDER_NAME, now)
+
+
+def _thdSeedAdmin(conn: Any, now: float) -> None:
+    """Add the primary's demo administrator unless there is one."""
+    if admins.thdAdminVerifier(conn, ADMIN_NAME) is None:
+        verifier = make_verifier(ADMIN_PASSWORD, n=2**12)
+        admins.thdAddAdmin(conn, ADMIN_NAME, verifier, now)
+        thdAudit(conn, "demo", "demo.seed-admin", ADMIN_NAME, now)
 
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:
@@ -251,13 +264,6 @@ def _provider_config(site: Config, key_file: str, ca: str) -> dict[str, Any]:
     }
 
 
-def _attach(server: Server, controls: Controls) -> None:
-    """Give the server's status page the demo's buttons (if it has a status page)."""
-    page = getattr(server, "status_page", None)
-    if page is not None:
-        page.demo = controls
-
-
 def make_demo(reactor: Any) -> Demo:
     """Prepare ``./var/demo`` and return the demo's service tree."""
     branch_dir = os.path.join(DEMO_DIR, "branch")
@@ -270,15 +276,20 @@ def make_demo(reactor: Any) -> Demo:
         "key": quoteStringArgument(os.path.abspath(os.path.join(tls_dir, "server.key"))),
         "cert": quoteStringArgument(os.path.abspath(os.path.join(tls_dir, "server.crt"))),
     }
-    for name, text in (
-        ("primary.toml", PRIMARY_CONFIG.format(**tls_files)),
-        ("branch.toml", SITE_CONFIG.format(**tls_files)),
-    ):
+    configs: dict[str, Callable[[], str]] = {
+        "primary.toml": lambda: PRIMARY_CONFIG.format(**tls_files),
+        # Cheaper scrypt for the demo's admin only, so the first start is quick.
+        "branch.toml": lambda: SITE_CONFIG.format(
+            admin=make_verifier(ADMIN_PASSWORD, n=2**12), **tls_files
+        ),
+    }
+    for name, text in configs.items():
         path = os.path.join(DEMO_DIR, name)
         if not os.path.exists(path):
-            _write(path, text)
+            _write(path, text())
     primary = make_server(load(os.path.join(DEMO_DIR, "primary.toml")), reactor)
     made = primary.store.write(_thdSeed, reactor.seconds())
+    primary.store.write(_thdSeedAdmin, reactor.seconds())
     key_file = os.path.join(branch_dir, "mfd.key")
     if made is not None:
         _write(os.path.join(branch_dir, "token"), made["token"] + "\n", 0o600)
@@ -294,10 +305,14 @@ def make_demo(reactor: Any) -> Demo:
 
     proxy = LinkProxy(LINK_PROXY_PORT, REPLICATION_PORT, reactor)
     assert site_config.primary is not None
-    if site_config.primary.endpoint != f"tcp:127.0.0.1:{LINK_PROXY_PORT}":
+    if (
+        site_config.primary.endpoint != f"tcp:127.0.0.1:{LINK_PROXY_PORT}"
+        or ADMIN_NAME not in site_config.web.admins
+    ):
         log.warn(
-            "{path} predates the demo's outage button: its site does not use the link "
-            "proxy, so cutting the link changes nothing; delete {dir}/ to start afresh",
+            "{path} predates the demo's status page: its site may not use the link proxy "
+            "(the outage button then changes nothing) or have no admin login; delete "
+            "{dir}/ to start afresh",
             path=site_config.path,
             dir=DEMO_DIR,
         )
@@ -330,8 +345,9 @@ def make_demo(reactor: Any) -> Demo:
     demo = Demo(primary, site, proxy, printer, provider, controls)
     for service in (proxy, primary, site, printer, provider_start, sample):
         service.setServiceParent(demo)
-    _attach(primary, controls)
-    _attach(site, controls)
+    # The status pages' demo buttons (sitesrv.web.status.DemoControls) call these.
+    primary.status_page.demo = controls
+    site.status_page.demo = controls
     with open(key_file, encoding="utf-8") as f:
         key = f.read().strip()
     # The sheet is for the person who typed the command, not a log event.

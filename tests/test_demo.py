@@ -25,7 +25,8 @@ from twisted.web.http_headers import Headers
 
 from sitesrv import demo
 from sitesrv.demoparts import DemoPrinter, StartWhen
-from sitesrv.store import Store
+from sitesrv.secrets import check_verifier
+from sitesrv.store import Store, admins
 from sitesrv.store.jobs import thdListJobs
 from sitesrv.store.users import thdListUsers
 from tests.processes import (
@@ -126,6 +127,21 @@ class DemoSetUpTests(SynchronousTestCase, _InTempDirectory):
         ):
             self.assertIn(text, sheet)
 
+    def test_admin_logins(self) -> None:
+        """admin / admin-pass is an administrator at the primary and at the site."""
+        service, _ = self.make()
+        verifier = service.primary.store.read(admins.thdAdminVerifier, "admin")
+        assert verifier is not None
+        self.assertTrue(check_verifier("admin-pass", verifier))
+        site_admins = service.site.config.web.admins
+        self.assertTrue(check_verifier("admin-pass", site_admins["admin"]))
+        self.assertFalse(check_verifier("wrong", site_admins["admin"]))
+        # Seeded once.
+        service, _ = self.make()
+        self.assertEqual(
+            [a.name for a in service.primary.store.read(admins.thdListAdmins)], ["admin"]
+        )
+
     def test_site_link_through_proxy(self) -> None:
         """The site reaches the primary through the demo's fault proxy."""
         service, _ = self.make()
@@ -148,13 +164,10 @@ class DemoSetUpTests(SynchronousTestCase, _InTempDirectory):
         self.assertFalse(controls.linkCut())
 
     def test_controls_attached(self) -> None:
-        """Both status pages get the controls (once the servers have status pages)."""
+        """Both status pages get the controls."""
         service, _ = self.make()
         for server in (service.primary, service.site):
-            page = getattr(server, "status_page", None)
-            if page is None:
-                continue
-            self.assertIs(page.demo, service.controls)
+            self.assertIs(server.status_page.demo, service.controls)
 
     def test_second_start_keeps_data(self) -> None:
         """Starting again reuses what is there: no second seeding, same keys."""
