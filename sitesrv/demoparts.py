@@ -195,12 +195,14 @@ class Controls:
 
     def cutLink(self) -> Deferred[None]:
         """Cut the site's link to the primary: the site goes offline."""
-        log.info("demo: cutting the link between site and primary (simulated outage)")
+        if not self.proxy.isCut:
+            log.info("demo: cutting the link between site and primary (simulated outage)")
         return self.proxy.cut()
 
     def restoreLink(self) -> Deferred[None]:
         """Restore the link: the site reconnects and hands back what it recorded."""
-        log.info("demo: restoring the link between site and primary")
+        if self.proxy.isCut:
+            log.info("demo: restoring the link between site and primary")
         return self.proxy.heal()
 
     def printSample(self) -> Deferred[str]:
