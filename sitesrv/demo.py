@@ -19,8 +19,8 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
 
@@ -232,6 +232,17 @@ class Demo(MultiService):
         self.printer = printer
         self.provider = provider
         self.controls = controls
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        # The link proxy last, so that the site closes its link itself, not by a cut.
+        others = [s for s in reversed(list(self)) if s is not self.proxy]
+        await DeferredList([maybeDeferred(s.stopService) for s in others])
+        await self.proxy.stopService()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the servers, the provider and the printer, then the link proxy."""
+        return Deferred.fromCoroutine(self._stop())
 
 
 def _provider_config(site: Config, key_file: str, ca: str) -> dict[str, Any]:
