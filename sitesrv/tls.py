@@ -1,11 +1,12 @@
 """Certificates and TLS contexts for the replication link (DESIGN.md, "Replication").
 
 ``init_tls`` makes a private CA and a primary certificate; the primary listens on an
-``ssl:`` endpoint naming those files (which sends only the first certificate of
-``certKey``: a CA-signed certificate's intermediates go in ``extraCertChain=``), and
-``server_context_factory`` builds the same context for tests; a site connects with ``client_context_factory``, trusting
-either that CA (chain and host name checked by service-identity) or a pinned SHA-256
-fingerprint of the primary's certificate, over ``wrap_client_endpoint``.
+``ssl:`` endpoint naming those files (it sends only the first certificate of ``certKey``:
+a CA-signed certificate's intermediates go in ``extraCertChain=``), and
+``server_context_factory`` builds the same context for tests; a site connects with
+``client_context_factory``, trusting either that CA (chain and host name checked by
+service-identity) or a pinned SHA-256 fingerprint of the primary's certificate, over
+``wrap_client_endpoint``.
 """
 
 from __future__ import annotations
