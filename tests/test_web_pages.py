@@ -182,10 +182,13 @@ class StatusPageTests(SynchronousTestCase):
         server = make_server(self, role="site", web={"admins": {"ops": cheap(PASSWORD)}})
         inline_cpu(server)
         assert server.failover is not None
-        feed(server.failover, "replicaFound")
+        feed(server.failover, "replicaFound", "connected", "lost")
         browser = Browser(server)
         log_in(browser, "ops")
         page = browser.get("/").text
+        # Newest first.
+        self.assertLess(page.index("test: lost"), page.index("test: connected"))
+        self.assertLess(page.index("test: connected"), page.index("test: replicaFound"))
         self.assertIn('id="mode">offline</span>', page)
         self.assertIn('id="outbox">0</span>', page)
         self.assertIn("unsynced → offline", page)

@@ -282,7 +282,7 @@ class StatusPage(AdminPage):
     def _transitions(self, transitions: list[dict[str, Any]], now: float) -> Tag:
         rows = [
             [when(t["at"], now), f"{t['from']} → {t['to']}", t["reason"]]
-            for t in reversed(transitions[-ROWS:])
+            for t in transitions[:ROWS]  # newest first, as the machine keeps them
         ]
         return tags.section(
             tags.h2(f"Last {ROWS} mode changes"),
