@@ -257,6 +257,19 @@ def post_form(session: WebSession, action: str, *content: Any, **attributes: str
     return tags.form(csrf_field(session), *content, method="post", action=action, **attributes)
 
 
+def field(label: str, name: str, kind: str = "text", **attributes: str) -> list[Tag]:
+    """A required input with its label (the input's id is its name)."""
+    return [
+        tags.label(label, for_=name),
+        tags.input(type=kind, name=name, id=name, required="", **attributes),
+    ]
+
+
+def button(text: str, element_id: str, **attributes: str) -> Tag:
+    """A submit button (``name``/``value`` attributes say which action it asks for)."""
+    return tags.button(text, type="submit", id=element_id, **attributes)
+
+
 def client_address(request: Request) -> str:
     """The peer's address, for throttling and logs."""
     peer = request.getClientAddress()

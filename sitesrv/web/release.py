@@ -34,8 +34,10 @@ from sitesrv.web.pages import (
     Redirect,
     Sessions,
     WebSession,
+    button,
     checked_form,
     client_address,
+    field,
     first,
     layout,
     post_form,
@@ -127,37 +129,18 @@ class ReleaseStation(Page):
             session,
             PATH,
             tags.input(type="hidden", name="action", value="password"),
-            tags.label("Username", for_="username"),
-            tags.input(
-                type="text", name="username", id="username", autocomplete="username", required=""
-            ),
-            tags.label("Password", for_="password"),
-            tags.input(
-                type="password",
-                name="password",
-                id="password",
-                autocomplete="current-password",
-                required="",
-            ),
-            tags.div(tags.button("Log in", type="submit", id="password-submit")),
+            field("Username", "username", autocomplete="username"),
+            field("Password", "password", "password", autocomplete="current-password"),
+            tags.div(button("Log in", "password-submit")),
             id="login-password",
         )
         by_card = post_form(
             session,
             PATH,
             tags.input(type="hidden", name="action", value="card"),
-            tags.label("Card number", for_="card"),
-            tags.input(type="text", name="card", id="card", autocomplete="off", required=""),
-            tags.label("PIN", for_="pin"),
-            tags.input(
-                type="password",
-                name="pin",
-                id="pin",
-                autocomplete="off",
-                inputmode="numeric",
-                required="",
-            ),
-            tags.div(tags.button("Log in", type="submit", id="card-submit")),
+            field("Card number", "card", autocomplete="off"),
+            field("PIN", "pin", "password", autocomplete="off", inputmode="numeric"),
+            tags.div(button("Log in", "card-submit")),
             id="login-card",
         )
         content: list[Any] = []
@@ -279,20 +262,8 @@ class ReleaseStation(Page):
                 tags.label("Print on", for_="printer"),
                 choose,
                 tags.div(
-                    tags.button(
-                        "Release selected",
-                        type="submit",
-                        name="action",
-                        value="release",
-                        id="release-selected",
-                    ),
-                    tags.button(
-                        "Release all",
-                        type="submit",
-                        name="action",
-                        value="release-all",
-                        id="release-all",
-                    ),
+                    button("Release selected", "release-selected", name="action", value="release"),
+                    button("Release all", "release-all", name="action", value="release-all"),
                 ),
                 id="release-form",
             )
@@ -300,9 +271,7 @@ class ReleaseStation(Page):
             session,
             PATH,
             tags.span(f"{user.full_name or user.username} ", class_="muted"),
-            tags.button(
-                "Log out", type="submit", name="action", value="logout", id="logout-submit"
-            ),
+            button("Log out", "logout-submit", name="action", value="logout"),
             id="release-logout",
             class_="inline",
         )

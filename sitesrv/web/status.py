@@ -35,8 +35,10 @@ from sitesrv.web.pages import (
     Redirect,
     Sessions,
     WebSession,
+    button,
     checked_form,
     client_address,
+    field,
     first,
     layout,
     post_form,
@@ -191,7 +193,7 @@ class StatusPage(AdminPage):
             session,
             "/logout",
             tags.span(f"{session.admin} ", class_="muted"),
-            tags.button("Log out", type="submit", id="logout-submit"),
+            button("Log out", "logout-submit"),
             id="logout",
             class_="inline",
         )
@@ -246,26 +248,15 @@ class StatusPage(AdminPage):
     def _demo(self, session: WebSession) -> Tag:
         assert self.demo is not None
         if self.demo.linkCut():
-            link = tags.button(
-                "Restore link", type="submit", name="action", value="restore", id="restore-link"
-            )
+            link = button("Restore link", "restore-link", name="action", value="restore")
             state = "The demo's replication link is cut: the site works offline."
         else:
-            link = tags.button(
-                "Simulate outage",
-                type="submit",
-                name="action",
-                value="cut",
-                id="cut-link",
-                class_="danger",
+            link = button(
+                "Simulate outage", "cut-link", name="action", value="cut", class_="danger"
             )
             state = "The demo's replication link is up."
-        sample = tags.button(
-            "Print a sample job for alice",
-            type="submit",
-            name="action",
-            value="print",
-            id="print-sample",
+        sample = button(
+            "Print a sample job for alice", "print-sample", name="action", value="print"
         )
         return tags.section(
             tags.h2("Demo"),
@@ -439,17 +430,9 @@ class LoginPage(Page):
             session,
             LOGIN,
             tags.input(type="hidden", name="next", value=target),
-            tags.label("Name", for_="name"),
-            tags.input(type="text", name="name", id="name", autocomplete="username", required=""),
-            tags.label("Password", for_="password"),
-            tags.input(
-                type="password",
-                name="password",
-                id="password",
-                autocomplete="current-password",
-                required="",
-            ),
-            tags.div(tags.button("Log in", type="submit", id="login-submit")),
+            field("Name", "name", autocomplete="username"),
+            field("Password", "password", "password", autocomplete="current-password"),
+            tags.div(button("Log in", "login-submit")),
             id="login",
         )
         content: list[Any] = []
