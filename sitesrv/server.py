@@ -29,6 +29,7 @@ from sitesrv.connectormanager import ConnectorManager, DeviceState
 from sitesrv.core.auth import Authenticator, AuthFailed, FailureThrottle
 from sitesrv.core.devicecore import DeviceCore
 from sitesrv.core.findme import FindMe
+from sitesrv.errors import Invalid
 from sitesrv.failover import Failover, FailoverObserver
 from sitesrv.interfaces import IStatusSource
 from sitesrv.metrics import MeasuredGate, Metrics
@@ -393,6 +394,8 @@ def make_server(config: Config, reactor: IReactorTime | IReactorThreads) -> Serv
         raise StartupError(f"cannot open database {config.database}: {first}") from None
     except OSError as e:
         raise StartupError(f"cannot create the database directory: {e}") from None
+    except Invalid as e:
+        raise StartupError(f"{config.path}: {e}") from None
     if config.role == "primary" and config.listen.replication is None:
         for path in (config.tls.key, config.tls.cert):
             if not os.path.exists(path):

@@ -1135,3 +1135,23 @@ class AuditJobsSQLiteTests(AuditJobsMixin, SynchronousTestCase):
 class AuditJobsPostgresTests(AuditJobsMixin, SynchronousTestCase):
     backend = "postgres"
     skip = POSTGRES_SKIP
+
+
+class DecimalsTests(SynchronousTestCase):
+    """Amounts are stored in minor units: the currency's decimals cannot change under them."""
+
+    def test_decimals_change_refused_once_money_is_stored(self) -> None:
+        store = open_store(sqlite_url(self, "decimals.db"))
+        self.addCleanup(store.stop)
+        store.write(thdInitPrimary, "hq", "USD", 2, NOW)
+        # Nothing priced or charged yet: the choice can still be changed.
+        store.write(thdInitPrimary, "hq", "JPY", 0, NOW)
+        store.write(thdInitPrimary, "hq", "USD", 2, NOW)
+        store.write(thdAddUser, "alice", NOW, balance=150)
+        error = self.assertRaises(Invalid, store.write, thdInitPrimary, "hq", "USD", 3, NOW)
+        self.assertEqual(
+            str(error),
+            "decimals = 3 in the config, but the database's amounts use 2: changing it "
+            "would change every balance and price; set decimals = 2",
+        )
+        store.write(thdInitPrimary, "hq", "USD", 2, NOW)

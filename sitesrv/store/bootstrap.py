@@ -7,12 +7,13 @@ import os
 from sqlalchemy import Connection, select
 from sqlalchemy.engine import make_url
 
+from sitesrv.errors import Invalid
 from sitesrv.store import Store
 from sitesrv.store.changelog import thdEnsureState
 from sitesrv.store.ledger import SYSTEM_ACCOUNTS, thdAddAccount
 from sitesrv.store.migrate import upgrade
 from sitesrv.store.policies import thdSetSetting
-from sitesrv.store.schema import accounts
+from sitesrv.store.schema import accounts, printers, settings, transactions
 from sitesrv.store.sites import thdEnsurePrimarySite
 
 
@@ -20,11 +21,27 @@ def thdInitPrimary(conn: Connection, name: str, currency: str, decimals: int, no
     """Create the change-log state, the primary's site row, settings and system accounts."""
     thdEnsureState(conn)
     thdEnsurePrimarySite(conn, name, now)
+    stored = conn.execute(select(settings.c.value).where(settings.c.key == "decimals")).scalar()
+    if stored is not None and int(stored) != decimals and _thdHasMoney(conn):
+        # Amounts are integers in minor units: a new number of decimals would silently
+        # multiply or divide every balance and price by a power of ten.
+        raise Invalid(
+            f"decimals = {decimals} in the config, but the database's amounts use {stored}: "
+            f"changing it would change every balance and price; set decimals = {stored}"
+        )
     thdSetSetting(conn, "currency", currency, now)
     thdSetSetting(conn, "decimals", str(decimals), now)
     for account in SYSTEM_ACCOUNTS:
         if conn.execute(select(accounts.c.id).where(accounts.c.name == account)).first() is None:
             thdAddAccount(conn, account, now, restricted=False)
+
+
+def _thdHasMoney(conn: Connection) -> bool:
+    """Whether any amount is stored yet (a transaction or a printer's price)."""
+    return any(
+        conn.execute(select(table.c.id).limit(1)).first() is not None
+        for table in (transactions, printers)
+    )
 
 
 def open_store(url: str, readers: int = 4) -> Store:
