@@ -47,7 +47,7 @@ from sitesrv.store.replica import thdReplicaState
 from sitesrv.tls import TLSError
 from sitesrv.web import xmlrpc
 from sitesrv.web.metrics import MeasuredSite, MetricsResource
-from sitesrv.web.pages import Sessions
+from sitesrv.web.pages import NoIcon, Sessions
 from sitesrv.web.release import ReleaseStation
 from sitesrv.web.root import make_root
 from sitesrv.web.sitehealth import SitesHealthResource
@@ -237,6 +237,7 @@ class Server(MultiService):
         root.putChild(b"", self.status_page)
         root.putChild(b"login", LoginPage(sessions, self.checkAdmin, throttle, self.config.role))
         root.putChild(b"logout", LogoutPage(sessions))
+        root.putChild(b"favicon.ico", NoIcon())
         root.putChild(b"demo", DemoPage(sessions, self.status_page))
         root.putChild(
             b"release",

@@ -152,6 +152,12 @@ class AdminLoginTests(SynchronousTestCase):
         self.assertEqual(log_in(browser, "ops", "ops password").code, 303)
         self.assertEqual(browser.get("/").code, 200)
 
+    def test_no_icon(self) -> None:
+        """Browsers' favicon requests get an empty, cacheable answer, not a 404."""
+        page = self.browser.get("/favicon.ico")
+        self.assertEqual((page.code, page.body), (204, b""))
+        self.assertEqual(page.headers[b"cache-control"], b"max-age=86400")
+
     def test_security_headers(self) -> None:
         """Pages cannot be framed or cached, and run no scripts."""
         headers = self.browser.get("/login").headers

@@ -417,6 +417,19 @@ PLAIN_500 = (
 )
 
 
+class NoIcon(Resource):
+    """``/favicon.ico``: browsers ask for it with every page; answer that there is none
+    (204, cached for a day) rather than a 404 in the log each time."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        """No content."""
+        request.setResponseCode(204)
+        request.setHeader(b"cache-control", b"max-age=86400")
+        return b""
+
+
 def safe_next(target: str, default: str = "/") -> str:
     """``target`` if it is a path on this server (not ``//host`` or a URL), else ``default``."""
     if target.startswith("/") and not target.startswith("//") and "\\" not in target:
