@@ -321,6 +321,19 @@ def https_health(port: int, cafile: str) -> tuple[int, dict[str, Any]] | None:
         connection.close()
 
 
+def https_cookie(port: int, cafile: str) -> str:
+    """The ``Set-Cookie`` header of the login page over verified HTTPS."""
+    context = ssl.create_default_context(cafile=cafile)
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
+    try:
+        connection.request("GET", "/login")
+        response = connection.getresponse()
+        response.read()
+        return response.getheader("set-cookie") or ""
+    finally:
+        connection.close()
+
+
 class _ClosingAMP(amp.AMP):
     """AMP that tells when its connection has gone."""
 
@@ -344,7 +357,8 @@ class TLSPortsTests(TestCase):
         os.makedirs(self.directory)
 
     async def test_web_and_provider_ports_over_tls(self) -> None:
-        """/health over verified HTTPS; a provider's hello over verified TLS."""
+        """/health over verified HTTPS (and a Secure session cookie from the login page);
+        a provider's hello over verified TLS."""
         node = write_primary_config(self.directory)
         files = tls_init(node)
         key, cert, ca = files["server_key"], files["server_cert"], files["ca_cert"]
@@ -370,6 +384,11 @@ class TLSPortsTests(TestCase):
         code, body = await wait_for(health, "/health over HTTPS")
         self.assertEqual(code, 200)
         self.assertEqual((body["role"], body["name"], body["mode"]), ("primary", "hq", "online"))
+        # Over TLS the web pages' session cookie is Secure (and HttpOnly, SameSite).
+        cookie = await deferToThread(https_cookie, node.web_port, ca)
+        attributes = {a.strip() for a in cookie.split(";")}
+        self.assertTrue(cookie.startswith("sitesrv_session="), cookie)
+        self.assertLessEqual({"Secure", "HttpOnly", "SameSite=strict", "Path=/"}, attributes)
 
         # Another CA's certificate is not this server's: the check is real.
         other = init_tls(os.path.join(self.directory, "other"), ["localhost"], ["127.0.0.1"])
