@@ -40,8 +40,8 @@ WINDOW = (1280, 900)
 PAGE_DEADLINE = 15.0
 ELEMENT_DEADLINE = 10.0
 #: Where screenshots go: this variable's directory, else ``artifacts`` in trial's
-#: working directory (``_trial_temp``).
-ARTIFACTS_ENV = "SITESRV_ARTIFACTS"
+#: working directory (``_trial_temp``). ``SITESRV_TEST_`` because tox passes only those.
+ARTIFACTS_ENV = "SITESRV_TEST_ARTIFACTS"
 #: Set to ``required`` where a missing browser is an error, not a reason to skip.
 REQUIRED_ENV = "SITESRV_TEST_BROWSER"
 

@@ -5,7 +5,9 @@ servers as ``twistd -n sitesrv`` child processes (`ServerProcess`: start, stop,
 ``kill -9``, their logs), ``sitesrv-admin`` as a child process (`admin`) or in this
 process for set-up (`admin_sync`), ``/health``
 (`get_health`), bounded polling (`wait_for` and friends) and a read-only comparison
-of two SQLite databases (`table_differences`).
+of two SQLite databases (`table_differences`). `ProcessTestCase` is the base of tests that
+start servers; `Provider` plays a print provider on a site's providers port
+(`connect_provider`).
 
 Everything listens on 127.0.0.1 only, on ports picked by binding port 0; every wait has
 a deadline; every process a test starts is killed in its cleanup (`ServerProcess.start`
@@ -26,17 +28,32 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid as uuidlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import quoteStringArgument
+from twisted.internet.defer import Deferred, DeferredQueue, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, quoteStringArgument
 from twisted.internet.error import ConnectError, ConnectionRefusedError
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
+import sitesrv
+from sitesrv.providers.commands import (
+    PROVIDER_PROTOCOL_VERSION,
+    AnnounceQueues,
+    DeleteJobs,
+    JobPrinted,
+    ProviderHello,
+    Release,
+    SubmitJob,
+)
+from sitesrv.replication.liveness import LivenessAMP
 
 reactor: Any = _reactor
 
@@ -51,6 +68,9 @@ DEADLINE = 20.0
 INTERVAL = 0.05
 #: Lines of a server log shown when a test fails.
 TAIL_LINES = 60
+#: How long one answer a test waits for (a pushed release, a card reader's feedback)
+#: may take.
+ANSWER_DEADLINE = 5.0
 
 #: Tables every site receives in full: equal at the primary and a caught-up site.
 #: (``passwords`` too while the site's password-login policy allows it, the default.)
@@ -677,3 +697,144 @@ def twistd_unavailable() -> str | None:
     if done.returncode != 0:
         return f"twistd --version exited {done.returncode}: {done.stderr.strip()[-500:]}"
     return None
+
+
+_twistd_unavailable: list[str | None] = []
+
+
+def skip_without_twistd() -> None:
+    """Raise SkipTest, saying why, unless ``twistd`` runs with this interpreter (asked
+    once per test run)."""
+    if not _twistd_unavailable:
+        _twistd_unavailable.append(twistd_unavailable())
+    if _twistd_unavailable[0] is not None:
+        raise SkipTest(_twistd_unavailable[0])
+
+
+# -- test cases -------------------------------------------------------------------------
+
+
+class ProcessTestCase(TestCase):
+    """A test that starts real servers: skipped where ``twistd`` cannot run, with a new
+    directory of its own (``self.directory``) for their configs, data and logs."""
+
+    def setUp(self) -> None:
+        skip_without_twistd()
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+
+    def start(self, node: Node) -> ServerProcess:
+        """Start a server; it is killed (and its log shown on failure) in cleanup."""
+        return ServerProcess(node).start(self)
+
+    async def start_primary(self, node: Node) -> ServerProcess:
+        """Start a primary and wait until it answers ``/health``."""
+        server = self.start(node)
+        await wait_for_health(server, lambda h: h.code == 200, "primary answers /health")
+        return server
+
+    async def start_primary_and_site(
+        self, primary: Node, site: Node
+    ) -> tuple[ServerProcess, ServerProcess]:
+        """Start the primary, then the site; return them once the site is online."""
+        primary_server = await self.start_primary(primary)
+        site_server = self.start(site)
+        await wait_for_mode(site_server, "online")
+        return primary_server, site_server
+
+
+# -- a print provider -------------------------------------------------------------------
+
+
+class Provider(LivenessAMP):
+    """A print provider's end: queues the releases the site pushes."""
+
+    def __init__(self) -> None:
+        super().__init__(clock=reactor)
+        self.releases: DeferredQueue[tuple[str, str, str]] = DeferredQueue()
+        self.closed: Deferred[None] = Deferred()
+
+    @Release.responder
+    def release(self, job: str, release_id: str, printer: str, uri: str) -> dict[str, Any]:
+        self.releases.put((job, release_id, printer))
+        return {}
+
+    @DeleteJobs.responder
+    def deleteJobs(self, jobs: list[str], reason: str) -> dict[str, Any]:
+        return {}
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        super().connectionLost(reason)
+        self.closed.callback(None)
+
+    async def released(self) -> tuple[str, str, str]:
+        """The next release pushed: (job, release id, printer)."""
+        release = self.releases.get()
+        release.addTimeout(ANSWER_DEADLINE, reactor)
+        return await release
+
+    def job(self, job: str, pages: int = 2) -> dict[str, Any]:
+        """A job's fields as the provider sends them."""
+        return {
+            "job": job,
+            "queue": "p1",
+            "user": "alice",
+            "document": f"{job[:8]}.pdf",
+            "pages": pages,
+            "copies": 1,
+            "colour": False,
+            "duplex": False,
+            "size": 1000,
+            "submitted_at": reactor.seconds(),
+        }
+
+    async def submit(self, pages: int = 2) -> str:
+        """Submit a job to queue p1 (a hold printer); its UUID once the site holds it."""
+        job = str(uuidlib.uuid4())
+        answer = await self.callRemote(SubmitJob, **self.job(job, pages))
+        assert answer["decision"] == "hold", answer
+        return job
+
+    async def printed(self, job: str, release_id: str, pages: int = 2) -> int:
+        """Report a released job printed on p1; the amount charged."""
+        answer = await self.callRemote(
+            JobPrinted,
+            **self.job(job, pages),
+            release_id=release_id,
+            printer="p1",
+            printed_at=reactor.seconds(),
+        )
+        return int(answer["charged"])
+
+
+def close_client(client: Any, closed: Deferred[None]) -> Deferred[None]:
+    """Close a client connection and wait until it is closed (a clean reactor)."""
+    if client.transport is not None and not closed.called:
+        client.transport.abortConnection()
+    return closed
+
+
+async def connect_provider(
+    testcase: Any,
+    port: int,
+    key: str,
+    name: str = "spool",
+    queues: Sequence[str] = ("p1",),
+) -> Provider:
+    """The print provider ``name`` on a site's providers port, after its hello and its
+    announcement of ``queues`` (all of which the site must know); closed in cleanup."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2)
+    client: Provider = await connectProtocol(endpoint, Provider())
+    testcase.addCleanup(close_client, client, client.closed)
+    hello = await client.callRemote(
+        ProviderHello,
+        provider=name,
+        key=key,
+        software_version=f"test-provider {sitesrv.__version__}",
+        protocol_version=PROVIDER_PROTOCOL_VERSION,
+        provider_time=reactor.seconds(),
+    )
+    client.startHeartbeat(hello["heartbeat"])
+    announced = await client.callRemote(AnnounceQueues, queues=list(queues))
+    testcase.assertEqual([q["name"] for q in announced["known"]], list(queues))
+    return client

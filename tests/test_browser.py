@@ -2,12 +2,13 @@
 
 A primary and a site run as ``twistd`` processes on loopback, set up with
 ``sitesrv-admin``: a user with a password, a card and a PIN, a hold/release printer and
-an MFD at the site, a print provider (played by the test, the AMP client of
-``tests.test_e2e_cardreader``) that puts jobs on hold. A real browser (`tests.browser`)
-does what a person would: an administrator logs in to each server's status page and out
-again; a user logs in to the release station, sees a held job and releases it, online
-with a password and offline with a card and PIN. Screenshots of both status pages are
-saved as test artifacts (``$SITESRV_ARTIFACTS``, else ``_trial_temp/artifacts``).
+an MFD at the site, a print provider (played by the test, `tests.processes.Provider`)
+that puts jobs on hold. A real browser (`tests.browser`) does what a person would: an
+administrator logs in to each server's status page and out again; a user logs in to the
+release station, sees a held job and releases it, online with a password and offline
+with a card and PIN. Screenshots of both status pages are saved as test artifacts in the
+directory ``$SITESRV_TEST_ARTIFACTS`` names, else in ``_trial_temp/artifacts`` (tox
+passes only ``SITESRV_TEST_*`` variables into tests).
 
 Selenium blocks, so each browser step runs in a thread while the reactor keeps the
 provider's connection (which receives the release) going.
@@ -20,13 +21,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
 
-import sitesrv
 from sitesrv.core.findme import charge_uuid
-from sitesrv.providers.commands import PROVIDER_PROTOCOL_VERSION, AnnounceQueues, ProviderHello
 from sitesrv.secrets import make_verifier
 from tests.browser import (
     click_and_load,
@@ -38,21 +35,18 @@ from tests.browser import (
 )
 from tests.processes import (
     CLEAN_EXITS,
-    ServerProcess,
+    ProcessTestCase,
     admin,
     admin_sync,
+    connect_provider,
     enrol,
-    reactor,
     scalar,
     tls_init,
-    twistd_unavailable,
     wait_for,
-    wait_for_health,
     wait_for_mode,
     write_primary_config,
     write_site_config,
 )
-from tests.test_e2e_cardreader import Provider
 
 T = TypeVar("T")
 
@@ -62,16 +56,6 @@ PASSWORD = "alice-pass-1"
 #: The primary's administrator (in its database) and the site's (in its config).
 PRIMARY_ADMIN = ("boss", "boss-pass-1")
 SITE_ADMIN = ("keeper", "keeper-pass-1")
-
-_unavailable: list[str | None] = []
-
-
-def _skip_without_twistd() -> None:
-    if not _unavailable:
-        _unavailable.append(twistd_unavailable())
-    if _unavailable[0] is not None:
-        raise SkipTest(_unavailable[0])
-
 
 # -- what the person at the browser does (blocking: run in a thread) --------------------
 
@@ -146,16 +130,14 @@ def release(driver: Any, printer: str, button: str) -> str:
     return text(driver, "#notice")
 
 
-class BrowserTests(TestCase):
+class BrowserTests(ProcessTestCase):
     """A browser at primary "hq" and its site "north"."""
 
     timeout = 90
 
     def setUp(self) -> None:
-        _skip_without_twistd()
+        super().setUp()
         skip_without_browser()
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
         self.primary = write_primary_config(self.directory, "hq")
         tls_init(self.primary)
         self.site = write_site_config(self.directory, "north", self.primary)
@@ -204,50 +186,13 @@ class BrowserTests(TestCase):
         """Run a blocking browser step in a thread (Selenium bounds each wait)."""
         return deferToThread(step, *args)
 
-    async def start_primary(self) -> ServerProcess:
-        """Start the primary; return it once it answers /health."""
-        primary = ServerProcess(self.primary).start(self)
-        await wait_for_health(primary, lambda h: h.code == 200, "primary answers /health")
-        return primary
-
-    async def start(self) -> tuple[ServerProcess, ServerProcess]:
-        """Start the primary, then the site; return them once the site is online."""
-        primary = await self.start_primary()
-        site = ServerProcess(self.site).start(self)
-        await wait_for_mode(site, "online")
-        return primary, site
-
-    async def provider(self) -> Provider:
-        """The print provider "spool" of queue p1, after its hello and announcement."""
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.site.providers_port, timeout=2)
-        client: Provider = await connectProtocol(endpoint, Provider())
-        self.addCleanup(self.close, client, client.closed)
-        hello = await client.callRemote(
-            ProviderHello,
-            provider="spool",
-            key=self.provider_key,
-            software_version=f"test-provider {sitesrv.__version__}",
-            protocol_version=PROVIDER_PROTOCOL_VERSION,
-            provider_time=reactor.seconds(),
-        )
-        client.startHeartbeat(hello["heartbeat"])
-        queues = await client.callRemote(AnnounceQueues, queues=["p1"])
-        self.assertEqual([q["name"] for q in queues["known"]], ["p1"])
-        return client
-
-    def close(self, client: Any, closed: Deferred[None]) -> Deferred[None]:
-        """Close a client connection and wait until it is closed (a clean reactor)."""
-        if client.transport is not None and not closed.called:
-            client.transport.abortConnection()
-        return closed
-
     async def test_status_pages(self) -> None:
         """An administrator opens each server's status page: sent to the login first,
         then the page with the mode and the site (at the primary) or the devices and
         providers (at the site); logging out means logging in again. Screenshots of both
         pages are saved."""
-        await self.start()
-        await self.provider()
+        await self.start_primary_and_site(self.primary, self.site)
+        await connect_provider(self, self.site.providers_port, self.provider_key)
         driver = await self.browser()
         primary = self.base(self.primary)
 
@@ -291,7 +236,7 @@ class BrowserTests(TestCase):
     async def test_wrong_admin_password(self) -> None:
         """A wrong password keeps the administrator at the login with an error; the
         primary's database administrators are not the site's."""
-        await self.start()
+        await self.start_primary_and_site(self.primary, self.site)
         driver = await self.browser()
 
         def attempt(base: str, name: str, password: str) -> tuple[str, str]:
@@ -311,7 +256,7 @@ class BrowserTests(TestCase):
     async def test_session_cookie(self) -> None:
         """The session cookie is HttpOnly and SameSite=Strict, before and after logging
         in, and scripts on the page cannot read it."""
-        await self.start_primary()
+        await self.start_primary(self.primary)
         driver = await self.browser()
         primary = self.base(self.primary)
 
@@ -349,8 +294,8 @@ class BrowserTests(TestCase):
         """Username and password: the held job is listed with its pages and cost,
         released to p1, and gone; the provider is told to print it and the charge
         reaches the primary's ledger."""
-        await self.start()
-        provider = await self.provider()
+        await self.start_primary_and_site(self.primary, self.site)
+        provider = await connect_provider(self, self.site.providers_port, self.provider_key)
         job = await provider.submit()
         driver = await self.browser()
         site = self.base(self.site)
@@ -392,8 +337,8 @@ class BrowserTests(TestCase):
         """Primary down: card and PIN, the offline banner, Release all; the provider is
         told to print; the charge waits in the outbox and reaches the primary's ledger
         exactly once when it is back."""
-        primary, site_process = await self.start()
-        provider = await self.provider()
+        primary, site_process = await self.start_primary_and_site(self.primary, self.site)
+        provider = await connect_provider(self, self.site.providers_port, self.provider_key)
         job = await provider.submit()
         self.assertIn(primary.stop(), CLEAN_EXITS)
         await wait_for_mode(site_process, "offline")

@@ -16,40 +16,27 @@ while the reader keeps working.
 
 from __future__ import annotations
 
-import os
-import uuid as uuidlib
-from typing import Any
-
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, TestCase
 
-import sitesrv
 from sitesrv.core.findme import charge_uuid
-from sitesrv.providers.commands import (
-    PROVIDER_PROTOCOL_VERSION,
-    AnnounceQueues,
-    DeleteJobs,
-    JobPrinted,
-    ProviderHello,
-    Release,
-    SubmitJob,
-)
-from sitesrv.replication.liveness import LivenessAMP
 from tests.processes import (
+    ANSWER_DEADLINE,
     CLEAN_EXITS,
-    ServerProcess,
+    ProcessTestCase,
+    Provider,
     admin,
     admin_sync,
+    close_client,
+    connect_provider,
     enrol,
     free_port,
     reactor,
     scalar,
     tls_init,
-    twistd_unavailable,
     wait_for,
     wait_for_health,
     wait_for_mode,
@@ -58,19 +45,8 @@ from tests.processes import (
 )
 
 CARD = "0012345678"
-#: How long one answer (a swipe's feedback, a pushed release) may take.
-ANSWER_DEADLINE = 5.0
 #: How long a printed job's charge may take to reach the primary's ledger.
 SUBMIT_DEADLINE = 10.0
-
-_unavailable: list[str | None] = []
-
-
-def _skip_without_twistd() -> None:
-    if not _unavailable:
-        _unavailable.append(twistd_unavailable())
-    if _unavailable[0] is not None:
-        raise SkipTest(_unavailable[0])
 
 
 class CardReader(LineOnlyReceiver):
@@ -97,79 +73,16 @@ class CardReader(LineOnlyReceiver):
         return str(await answer)
 
 
-class Provider(LivenessAMP):
-    """A print provider's end: queues the releases the site pushes."""
-
-    def __init__(self) -> None:
-        super().__init__(clock=reactor)
-        self.releases: DeferredQueue[tuple[str, str, str]] = DeferredQueue()
-        self.closed: Deferred[None] = Deferred()
-
-    @Release.responder
-    def release(self, job: str, release_id: str, printer: str, uri: str) -> dict[str, Any]:
-        self.releases.put((job, release_id, printer))
-        return {}
-
-    @DeleteJobs.responder
-    def deleteJobs(self, jobs: list[str], reason: str) -> dict[str, Any]:
-        return {}
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        super().connectionLost(reason)
-        self.closed.callback(None)
-
-    async def released(self) -> tuple[str, str, str]:
-        """The next release pushed: (job, release id, printer)."""
-        release = self.releases.get()
-        release.addTimeout(ANSWER_DEADLINE, reactor)
-        return await release
-
-    def job(self, job: str, pages: int = 2) -> dict[str, Any]:
-        """A job's fields as the provider sends them."""
-        return {
-            "job": job,
-            "queue": "p1",
-            "user": "alice",
-            "document": f"{job[:8]}.pdf",
-            "pages": pages,
-            "copies": 1,
-            "colour": False,
-            "duplex": False,
-            "size": 1000,
-            "submitted_at": reactor.seconds(),
-        }
-
-    async def submit(self, pages: int = 2) -> str:
-        """Submit a job to queue p1 (a hold printer); its UUID once the site holds it."""
-        job = str(uuidlib.uuid4())
-        answer = await self.callRemote(SubmitJob, **self.job(job, pages))
-        assert answer["decision"] == "hold", answer
-        return job
-
-    async def printed(self, job: str, release_id: str, pages: int = 2) -> int:
-        """Report a released job printed on p1; the amount charged."""
-        answer = await self.callRemote(
-            JobPrinted,
-            **self.job(job, pages),
-            release_id=release_id,
-            printer="p1",
-            printed_at=reactor.seconds(),
-        )
-        return int(answer["charged"])
-
-
-class CardReaderEndToEndTests(TestCase):
+class CardReaderEndToEndTests(ProcessTestCase):
     """A card reader and a print provider at site "north" of primary "hq"."""
 
     timeout = 90
 
     def setUp(self) -> None:
-        _skip_without_twistd()
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        self.primary = write_primary_config(directory, "hq")
+        super().setUp()
+        self.primary = write_primary_config(self.directory, "hq")
         tls_init(self.primary)
-        self.site = write_site_config(directory, "north", self.primary)
+        self.site = write_site_config(self.directory, "north", self.primary)
         enrol(self.primary, self.site)
         admin_sync(self.primary, "user", "add", "alice", "--balance", "5")
         admin_sync(self.primary, "card", "add", "alice", CARD)
@@ -193,14 +106,6 @@ class CardReaderEndToEndTests(TestCase):
             *("--option", "feedback=line"),
         )
 
-    async def start(self) -> tuple[ServerProcess, ServerProcess]:
-        """Start the primary, then the site; return them once the site is online."""
-        primary = ServerProcess(self.primary).start(self)
-        await wait_for_health(primary, lambda h: h.code == 200, "primary answers /health")
-        site = ServerProcess(self.site).start(self)
-        await wait_for_mode(site, "online")
-        return primary, site
-
     async def reader(self) -> CardReader:
         """Connect as the card reader once the site listens for it (within a poll)."""
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.reader_port, timeout=2)
@@ -214,32 +119,8 @@ class CardReaderEndToEndTests(TestCase):
         client: CardReader = await wait_for(
             lambda: Deferred.fromCoroutine(attempt()), "the card-reader port listening"
         )
-        self.addCleanup(self.close, client, client.closed)
+        self.addCleanup(close_client, client, client.closed)
         return client
-
-    async def provider(self) -> Provider:
-        """The print provider, after its hello and queue announcement."""
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.site.providers_port, timeout=2)
-        client: Provider = await connectProtocol(endpoint, Provider())
-        self.addCleanup(self.close, client, client.closed)
-        hello = await client.callRemote(
-            ProviderHello,
-            provider="spool",
-            key=self.provider_key,
-            software_version=f"test-provider {sitesrv.__version__}",
-            protocol_version=PROVIDER_PROTOCOL_VERSION,
-            provider_time=reactor.seconds(),
-        )
-        client.startHeartbeat(hello["heartbeat"])
-        queues = await client.callRemote(AnnounceQueues, queues=["p1"])
-        self.assertEqual([q["name"] for q in queues["known"]], ["p1"])
-        return client
-
-    def close(self, client: Any, closed: Deferred[None]) -> Deferred[None]:
-        """Close a client connection and wait until it is closed (a clean reactor)."""
-        if client.transport is not None and not closed.called:
-            client.transport.abortConnection()
-        return closed
 
     async def release_and_print(self, provider: Provider, count: int) -> list[str]:
         """Take ``count`` pushed releases to p1, report each printed; the charges' UUIDs."""
@@ -261,9 +142,9 @@ class CardReaderEndToEndTests(TestCase):
         """Two held jobs: a swipe answers OK 2 jobs, both are pushed to the provider for
         p1 and, once printed, charged in the primary's ledger; the next swipe has none."""
         await self.add_reader()
-        await self.start()
+        await self.start_primary_and_site(self.primary, self.site)
         reader = await self.reader()
-        provider = await self.provider()
+        provider = await connect_provider(self, self.site.providers_port, self.provider_key)
         jobs = {await provider.submit(), await provider.submit()}
 
         self.assertEqual(await reader.swipe(CARD), "OK 2 jobs")
@@ -285,7 +166,7 @@ class CardReaderEndToEndTests(TestCase):
         """A device naming a connector nobody provides is listed on /health with the
         known names, and the card reader keeps working."""
         await self.add_reader()
-        _primary, site = await self.start()
+        _primary, site = await self.start_primary_and_site(self.primary, self.site)
         await admin(
             self.primary,
             *("device", "add", "terminal", "--site", "north", "--connector", "acme-terminal"),
@@ -309,9 +190,9 @@ class CardReaderEndToEndTests(TestCase):
         released by a swipe; their charges wait in the outbox and reach the primary's
         ledger once each when it is back."""
         await self.add_reader()
-        primary, site = await self.start()
+        primary, site = await self.start_primary_and_site(self.primary, self.site)
         reader = await self.reader()
-        provider = await self.provider()
+        provider = await connect_provider(self, self.site.providers_port, self.provider_key)
         await provider.submit()
 
         self.assertIn(primary.stop(), CLEAN_EXITS)

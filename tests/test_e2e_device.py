@@ -6,46 +6,40 @@ hold/release printer at the site, and an ``http`` device for it whose key ``devi
 prints. The test plays the MFD with ``twisted.web.client.Agent`` against the site's web
 port: online charges reach the primary's ledger; with the primary down the site charges
 under the offline policies, keeps the charges in its outbox and submits each exactly once
-when the primary is back. Held jobs come from a print provider the test also plays (the
-AMP client of ``tests.test_e2e_cardreader``) and are listed and released through the API.
+when the primary is back. Held jobs come from a print provider the test also plays
+(`tests.processes.Provider`) and are listed and released through the API.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import uuid as uuidlib
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.internet.defer import ensureDeferred
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
-import sitesrv
 from sitesrv.core.findme import charge_uuid
-from sitesrv.providers.commands import PROVIDER_PROTOCOL_VERSION, AnnounceQueues, ProviderHello
 from tests.processes import (
     CLEAN_EXITS,
     Node,
+    ProcessTestCase,
     ServerProcess,
     admin,
     admin_sync,
+    connect_provider,
     enrol,
     reactor,
     scalar,
     tls_init,
-    twistd_unavailable,
     wait_for,
-    wait_for_health,
     wait_for_mode,
     write_primary_config,
     write_site_config,
 )
-from tests.test_e2e_cardreader import Provider
 
 CARD = "0012345678"
 PIN = "4321"
@@ -56,15 +50,6 @@ HTTP_TIMEOUT = 5.0
 
 _pool = HTTPConnectionPool(reactor, persistent=False)
 _agent = Agent(reactor, pool=_pool, connectTimeout=2)
-
-_unavailable: list[str | None] = []
-
-
-def _skip_without_twistd() -> None:
-    if not _unavailable:
-        _unavailable.append(twistd_unavailable())
-    if _unavailable[0] is not None:
-        raise SkipTest(_unavailable[0])
 
 
 @attrs.frozen
@@ -88,18 +73,16 @@ async def _call(port: int, method: str, path: str, key: str, body: Any = None) -
     return Reply(response.code, json.loads(data) if data else None)
 
 
-class DeviceEndToEndTests(TestCase):
+class DeviceEndToEndTests(ProcessTestCase):
     """An MFD at site "north" of primary "hq"."""
 
     timeout = 60
 
     def setUp(self) -> None:
-        _skip_without_twistd()
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        self.primary = write_primary_config(directory, "hq")
+        super().setUp()
+        self.primary = write_primary_config(self.directory, "hq")
         tls_init(self.primary)
-        self.site = write_site_config(directory, "north", self.primary)
+        self.site = write_site_config(self.directory, "north", self.primary)
         enrol(self.primary, self.site)
         admin_sync(
             self.primary, "user", "add", "alice", "--full-name", "Alice A", "--balance", "5"
@@ -144,14 +127,6 @@ class DeviceEndToEndTests(TestCase):
         self.assertEqual(reply.code, code, reply.body)
         return reply.body
 
-    async def start(self) -> tuple[ServerProcess, ServerProcess]:
-        """Start the primary, then the site; return them once the site is online."""
-        primary = ServerProcess(self.primary).start(self)
-        await wait_for_health(primary, lambda h: h.code == 200, "primary answers /health")
-        site = ServerProcess(self.site).start(self)
-        await wait_for_mode(site, "online")
-        return primary, site
-
     async def go_offline(self, primary: ServerProcess, site: ServerProcess) -> None:
         """Stop the primary; wait for the site to say it is offline (and still serving)."""
         self.assertIn(primary.stop(), CLEAN_EXITS)
@@ -170,7 +145,7 @@ class DeviceEndToEndTests(TestCase):
 
     async def test_online_charge_reaches_the_primary(self) -> None:
         """Card + PIN, a copy: charged at once, in the primary's ledger within seconds."""
-        await self.start()
+        await self.start_primary_and_site(self.primary, self.site)
         started = await self.login()
         self.assertEqual((started["balance"], started["offline"]), ("5.00", False))
         txn = str(uuidlib.uuid4())
@@ -197,7 +172,7 @@ class DeviceEndToEndTests(TestCase):
     async def test_offline_charges_submitted_once(self) -> None:
         """Primary down: login and three copies succeed offline and wait in the outbox;
         primary back: the site goes online and the ledger holds each charge once."""
-        primary, site = await self.start()
+        primary, site = await self.start_primary_and_site(self.primary, self.site)
         await self.go_offline(primary, site)
 
         started = await self.login()
@@ -240,7 +215,7 @@ class DeviceEndToEndTests(TestCase):
     async def test_offline_allowance(self) -> None:
         """With an offline allowance of 1.00 set for the site, an offline charge may take
         the balance to -1.00 and not a cent further: beyond it, 402."""
-        primary, site = await self.start()
+        primary, site = await self.start_primary_and_site(self.primary, self.site)
         await admin(self.primary, "policy", "set", "--site", "north", "offline.allowance", "1.00")
         query = "SELECT value FROM policies WHERE site = 'north' AND key = 'offline.allowance'"
         await wait_for(
@@ -262,36 +237,12 @@ class DeviceEndToEndTests(TestCase):
         )
         self.assertEqual([r["amount"] for r in (await self.outbox()).values()], ["-6.00"])
 
-    async def provider(self) -> Provider:
-        """The print provider "spool" of queue p1, after its hello and announcement."""
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.site.providers_port, timeout=2)
-        client: Provider = await connectProtocol(endpoint, Provider())
-        self.addCleanup(self.close, client, client.closed)
-        hello = await client.callRemote(
-            ProviderHello,
-            provider="spool",
-            key=self.provider_key,
-            software_version=f"test-provider {sitesrv.__version__}",
-            protocol_version=PROVIDER_PROTOCOL_VERSION,
-            provider_time=reactor.seconds(),
-        )
-        client.startHeartbeat(hello["heartbeat"])
-        queues = await client.callRemote(AnnounceQueues, queues=["p1"])
-        self.assertEqual([q["name"] for q in queues["known"]], ["p1"])
-        return client
-
-    def close(self, client: Any, closed: Deferred[None]) -> Deferred[None]:
-        """Close a client connection and wait until it is closed (a clean reactor)."""
-        if client.transport is not None and not closed.called:
-            client.transport.abortConnection()
-        return closed
-
     async def test_offline_release_through_the_api(self) -> None:
         """Primary down: the MFD lists the two held jobs (one held before the outage, one
         during it), releases one by name and then the rest; the provider prints both; the
         charges wait in the outbox and reach the primary's ledger once each."""
-        primary, site = await self.start()
-        provider = await self.provider()
+        primary, site = await self.start_primary_and_site(self.primary, self.site)
+        provider = await connect_provider(self, self.site.providers_port, self.provider_key)
         before = await provider.submit()
         await self.go_offline(primary, site)
         during = await provider.submit()

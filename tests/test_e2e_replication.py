@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from twisted.logger import Logger
-from twisted.trial.unittest import SkipTest, TestCase
 
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
 from sitesrv.store.users import NewUser, thdImportUsers
@@ -26,6 +25,7 @@ from tests.processes import (
     SHARED_TABLES,
     Health,
     Node,
+    ProcessTestCase,
     ServerProcess,
     admin,
     admin_sync,
@@ -33,7 +33,6 @@ from tests.processes import (
     scalar,
     table_differences,
     tls_init,
-    twistd_unavailable,
     wait_for,
     wait_for_health,
     wait_for_log,
@@ -48,29 +47,15 @@ log = Logger()
 #: design's target is under a second; the measured time is logged, not asserted.
 VISIBLE_DEADLINE = 5.0
 
-_unavailable: list[str | None] = []
-
-
-def _skip_without_twistd() -> None:
-    if not _unavailable:
-        _unavailable.append(twistd_unavailable())
-    if _unavailable[0] is not None:
-        raise SkipTest(_unavailable[0])
-
 
 def _is_unsynced_refusal(health: Health) -> bool:
     return health.code == 503 and health.mode == "unsynced"
 
 
-class E2ETestCase(TestCase):
+class E2ETestCase(ProcessTestCase):
     """Gives each test a temporary directory and ways to start a primary and sites."""
 
     timeout = 90
-
-    def setUp(self) -> None:
-        _skip_without_twistd()
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
 
     def make_primary(self, name: str = "hq", certificates: bool = True) -> Node:
         """A primary's config (and, unless told otherwise, its `tls init` certificates)."""
@@ -85,16 +70,6 @@ class E2ETestCase(TestCase):
         site = write_site_config(self.directory, name, primary, **link)
         enrol(primary, site)
         return site
-
-    def start(self, node: Node) -> ServerProcess:
-        """Start a server; it is killed (and its log shown on failure) in cleanup."""
-        return ServerProcess(node).start(self)
-
-    async def start_primary(self, node: Node) -> ServerProcess:
-        """Start a primary and wait until it answers ``/health``."""
-        server = self.start(node)
-        await wait_for_health(server, lambda h: h.code == 200, "primary answers /health")
-        return server
 
     def assertReplicated(self, primary: Node, site: Node) -> None:
         """Every table the site should hold equals the primary's rows meant for it."""

@@ -37,7 +37,7 @@ from twisted.internet.threads import deferToThread
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 import sitesrv
 from sitesrv import config as server_config
@@ -48,12 +48,12 @@ from sitesrv.providers.commands import PROVIDER_PROTOCOL_VERSION, ProviderHello
 from sitesrv.replication.site import link_endpoint, read_token
 from sitesrv.tls import init_tls
 from tests.processes import (
+    ProcessTestCase,
     ServerProcess,
     admin_sync,
     listen_tls,
     reactor,
     tls_init,
-    twistd_unavailable,
     wait_for,
     write_primary_config,
 )
@@ -293,16 +293,6 @@ class InstalledExampleTests(SynchronousTestCase):
 # -- a real primary with TLS on its web and provider ports --------------------------------
 
 
-_unavailable: list[str | None] = []
-
-
-def _skip_without_twistd() -> None:
-    if not _unavailable:
-        _unavailable.append(twistd_unavailable())
-    if _unavailable[0] is not None:
-        raise SkipTest(_unavailable[0])
-
-
 def https_health(port: int, cafile: str) -> tuple[int, dict[str, Any]] | None:
     """GET https://127.0.0.1:port/health, trusting only ``cafile``; None if refused.
 
@@ -346,15 +336,10 @@ class _ClosingAMP(amp.AMP):
         self.closed.callback(None)
 
 
-class TLSPortsTests(TestCase):
+class TLSPortsTests(ProcessTestCase):
     """A primary serves its web and provider ports over TLS with the tls init certificate."""
 
     timeout = 60
-
-    def setUp(self) -> None:
-        _skip_without_twistd()
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
 
     async def test_web_and_provider_ports_over_tls(self) -> None:
         """/health over verified HTTPS (and a Secure session cookie from the login page);

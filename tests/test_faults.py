@@ -44,7 +44,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import _newclient
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
@@ -55,6 +55,7 @@ from tests.processes import (
     CLEAN_EXITS,
     Health,
     Node,
+    ProcessTestCase,
     ServerProcess,
     WaitTimeout,
     admin,
@@ -66,7 +67,6 @@ from tests.processes import (
     scalar,
     sleep,
     tls_init,
-    twistd_unavailable,
     wait_for,
     wait_for_health,
     wait_for_log,
@@ -93,16 +93,6 @@ PAGE_PRICE = 10
 MAX_STEADY = 2_000
 #: Charges recorded offline before the link comes back, to give the site a backlog.
 BACKLOG = 300
-
-_unavailable: list[str | None] = []
-
-
-def _skip_without_twistd() -> None:
-    if not _unavailable:
-        _unavailable.append(twistd_unavailable())
-    if _unavailable[0] is not None:
-        raise SkipTest(_unavailable[0])
-
 
 # -- what the devices were told ---------------------------------------------------------
 
@@ -349,15 +339,13 @@ USERS = (("alice", "1001", "1000", ()),)
 TWO_USERS = (("alice", "1001", "1000", ()), ("bob", "1002", "1000", ()))
 
 
-class FaultTestCase(TestCase):
+class FaultTestCase(ProcessTestCase):
     """Starts a primary and sites behind fault proxies, and checks the ledger after."""
 
     timeout = 120
 
     def setUp(self) -> None:
-        _skip_without_twistd()
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
+        super().setUp()
         self.charges = Charges()
 
     async def rig(
@@ -397,18 +385,13 @@ class FaultTestCase(TestCase):
             key = admin_sync(primary, "--json", *device, "--printer", printer).json()["key"]
             prepared.append((node, proxy, key))
         opening = dict(_rows(primary.database, "SELECT name, balance FROM accounts"))
-        server = self.start(primary)
-        await wait_for_health(server, lambda h: h.code == 200, "primary answers /health")
+        server = await self.start_primary(primary)
         rigs = {}
         for node, proxy, key in prepared:
             rigs[node.name] = SiteRig(node, self.start(node), proxy, key)
         for site in rigs.values():
             await wait_for_mode(site.server, "online")
         return Rig(primary, server, rigs, opening)
-
-    def start(self, node: Node) -> ServerProcess:
-        """Start a server; it is killed (and its log shown on failure) in cleanup."""
-        return ServerProcess(node).start(self)
 
     def device(
         self, rig: Rig, card: str = "1001", site: str | None = None, check_balance: bool = True
