@@ -11,7 +11,19 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
-from sqlalchemy import ColumnElement, Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.sql.elements import ClauseElement
 
 from sitesrv.store.schema import provider_jobs
 
@@ -72,22 +84,38 @@ def _job(row: Any) -> ProviderJob:
     return ProviderJob(**values)
 
 
+# Every decision a provider asks for runs the statements below, so they are built once:
+# building a statement and its cache key costs more than SQLite takes to run it.
+
+_BY_UUID = select(provider_jobs).where(provider_jobs.c.uuid == bindparam("uuid"))
+#: The columns come from the parameters, as with ``.values(**values)``.
+_INSERT = insert(provider_jobs).returning(*provider_jobs.c)
+_RELEASING_TOTAL = select(func.coalesce(func.sum(provider_jobs.c.cost), 0)).where(
+    provider_jobs.c.user_id == bindparam("user_id"), provider_jobs.c.state == RELEASING
+)
+
+
 def thdJob(conn: Connection, uuid: str) -> ProviderJob | None:
     """The job with this UUID, or None."""
-    row = conn.execute(select(provider_jobs).where(provider_jobs.c.uuid == uuid)).first()
+    row = conn.execute(_BY_UUID, {"uuid": uuid}).first()
     return None if row is None else _job(row)
 
 
 def thdAddJob(conn: Connection, now: float, **values: Any) -> ProviderJob:
-    """Record a new job (``values`` are its columns); return it."""
+    """Record a new job (``values`` are its columns); return it (by ``RETURNING``)."""
     if values.get("state") not in STATES:
         raise ValueError(f"unknown job state {values.get('state')!r}")
     values.setdefault("created_at", now)
     values["updated_at"] = now
-    conn.execute(insert(provider_jobs).values(**values))
-    job = thdJob(conn, values["uuid"])
-    assert job is not None
-    return job
+    if all(k in provider_jobs.c and not isinstance(v, ClauseElement) for k, v in values.items()):
+        row = conn.execute(_INSERT, values).one()
+    else:
+        # An unknown column name fails here (CompileError); as a parameter of the
+        # prepared statement it would be silently ignored.
+        row = conn.execute(
+            insert(provider_jobs).values(**values).returning(*provider_jobs.c)
+        ).one()
+    return _job(row)
 
 
 def thdUpdateJob(conn: Connection, uuid: str, now: float, **values: Any) -> ProviderJob:
@@ -126,11 +154,7 @@ def thdReleasingTotal(conn: Connection, user_id: int) -> int:
     Counted against the balance when deciding and releasing, so that a user cannot
     release more than they can pay for before the first of those jobs is charged.
     """
-    total = conn.execute(
-        select(func.coalesce(func.sum(provider_jobs.c.cost), 0)).where(
-            provider_jobs.c.user_id == user_id, provider_jobs.c.state == RELEASING
-        )
-    ).scalar_one()
+    total = conn.execute(_RELEASING_TOTAL, {"user_id": user_id}).scalar_one()
     return int(total)
 
 

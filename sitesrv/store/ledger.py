@@ -120,9 +120,15 @@ def thdAddAccount(
     )
 
 
+# Every charge and print-provider decision reads an account; built once, SQLAlchemy
+# finds them compiled (bench/store.py).
+_ACCOUNT_BY_NAME = select(accounts).where(accounts.c.name == bindparam("name"))
+_ACCOUNT_BY_ID = select(accounts).where(accounts.c.id == bindparam("account_id"))
+
+
 def thdAccount(conn: Connection, name: str) -> Account:
     """The account named ``name``."""
-    row = conn.execute(select(accounts).where(accounts.c.name == name)).first()
+    row = conn.execute(_ACCOUNT_BY_NAME, {"name": name}).first()
     if row is None:
         raise NotFound(f"no account named {name!r}")
     return account_of(row)
@@ -130,7 +136,7 @@ def thdAccount(conn: Connection, name: str) -> Account:
 
 def thdAccountById(conn: Connection, account_id: int) -> Account | None:
     """The account with this id, or None."""
-    row = conn.execute(select(accounts).where(accounts.c.id == account_id)).first()
+    row = conn.execute(_ACCOUNT_BY_ID, {"account_id": account_id}).first()
     return None if row is None else account_of(row)
 
 

@@ -68,10 +68,19 @@ class Pending:
 # -- at the site ----------------------------------------------------------------------
 
 
+# A site's replica holds exactly one site row: its own.
+_OWN_APPLIED_SEQ = select(func.max(sites.c.applied_seq))
+# Every print-provider decision at a site runs this, so it is built once: building a
+# statement and its cache key costs more than SQLite takes to run it.
+_PENDING_AMOUNT = select(func.coalesce(func.sum(outbox.c.amount), 0)).where(
+    outbox.c.account_id == bindparam("account_id"),
+    outbox.c.seq > func.coalesce(_OWN_APPLIED_SEQ.scalar_subquery(), 0),
+)
+
+
 def thdOwnAppliedSeq(conn: Connection) -> int:
     """The primary's ``applied_seq`` for this site, as replicated (0 before any)."""
-    # A site's replica holds exactly one site row: its own.
-    value = conn.execute(select(func.max(sites.c.applied_seq))).scalar()
+    value = conn.execute(_OWN_APPLIED_SEQ).scalar()
     return int(value or 0)
 
 
@@ -110,12 +119,8 @@ def thdRecord(conn: Connection, record: dict[str, Any], now: float) -> int:
 
 def thdPendingAmount(conn: Connection, account_id: int) -> int:
     """The sum of this site's not-yet-applied amounts for an account."""
-    applied = thdOwnAppliedSeq(conn)
-    total = conn.execute(
-        select(func.coalesce(func.sum(outbox.c.amount), 0)).where(
-            outbox.c.account_id == account_id, outbox.c.seq > applied
-        )
-    ).scalar_one()
+    # Above ``thdOwnAppliedSeq``, read in the same statement.
+    total = conn.execute(_PENDING_AMOUNT, {"account_id": account_id}).scalar_one()
     return int(total)
 
 

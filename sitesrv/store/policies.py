@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from sitesrv.errors import Invalid, NotFound
 from sitesrv.money import AmountError, parse_amount
@@ -20,9 +20,17 @@ from sitesrv.store.schema import policies, settings, sites
 SETTING_DEFAULTS: Mapping[str, str] = {"currency": "USD", "decimals": "2"}
 
 
+# Every charge and print-provider decision reads these, so they are built once: building
+# a statement and its cache key costs more than SQLite takes to run it.
+_SETTING = select(settings.c.value).where(settings.c.key == bindparam("key"))
+_POLICIES_OF_SITE = select(policies.c.site, policies.c.key, policies.c.value).where(
+    policies.c.site.in_(["", bindparam("site", type_=policies.c.site.type)])
+)
+
+
 def thdSetting(conn: Connection, key: str) -> str:
     """A setting's value, or its default."""
-    value = conn.execute(select(settings.c.value).where(settings.c.key == key)).scalar()
+    value = conn.execute(_SETTING, {"key": key}).scalar()
     return SETTING_DEFAULTS[key] if value is None else value
 
 
@@ -114,11 +122,7 @@ def thdEffectivePolicies(conn: Connection, site: str = "") -> dict[str, tuple[st
     Returns ``{key: (value, source)}`` with source "site", "global" or "default".
     """
     result = {key: (default, "default") for key, (_check, default) in POLICIES.items()}
-    rows = conn.execute(
-        select(policies.c.site, policies.c.key, policies.c.value).where(
-            policies.c.site.in_(["", site])
-        )
-    ).all()
+    rows = conn.execute(_POLICIES_OF_SITE, {"site": site}).all()
     for row in sorted(rows, key=lambda r: r.site != ""):  # global first, then the site
         if row.key in result:
             result[row.key] = (row.value, "site" if row.site else "global")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from sitesrv.costing import Prices
 from sitesrv.errors import AlreadyExists, Invalid, NotFound
@@ -92,9 +92,15 @@ def thdAddPrinter(
     return thdPrinter(conn, name)
 
 
+# Every print-provider decision looks its printer up, so these are built once: building
+# a statement and its cache key costs more than SQLite takes to run it.
+_BY_NAME = _query().where(printers.c.name == bindparam("name"))
+_BY_ID = _query().where(printers.c.id == bindparam("printer_id"))
+
+
 def thdPrinter(conn: Connection, name: str) -> Printer:
     """The printer named ``name``."""
-    row = conn.execute(_query().where(printers.c.name == name)).first()
+    row = conn.execute(_BY_NAME, {"name": name}).first()
     if row is None:
         raise NotFound(f"no printer named {name!r}")
     return _printer(row)
@@ -102,7 +108,7 @@ def thdPrinter(conn: Connection, name: str) -> Printer:
 
 def thdPrinterById(conn: Connection, printer_id: int) -> Printer | None:
     """The printer with this id, or None."""
-    row = conn.execute(_query().where(printers.c.id == printer_id)).first()
+    row = conn.execute(_BY_ID, {"printer_id": printer_id}).first()
     return None if row is None else _printer(row)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import attrs
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, bindparam, insert, select
 
 from sitesrv.errors import AlreadyExists, Invalid, NotFound
 from sitesrv.store import ledger
@@ -156,9 +156,15 @@ def thdAddUser(
     return thdUser(conn, username)
 
 
+# Every print-provider decision looks its user up, so these are built once: building a
+# statement and its cache key costs more than SQLite takes to run it.
+_BY_USERNAME = _user_query().where(users.c.username == bindparam("username"))
+_BY_ID = _user_query().where(users.c.id == bindparam("user_id"))
+
+
 def thdUser(conn: Connection, username: str) -> User:
     """The user named ``username``; NotFound otherwise."""
-    row = conn.execute(_user_query().where(users.c.username == username)).first()
+    row = conn.execute(_BY_USERNAME, {"username": username}).first()
     if row is None:
         raise NotFound(f"no user named {username!r}")
     return _user(row)
@@ -166,7 +172,7 @@ def thdUser(conn: Connection, username: str) -> User:
 
 def thdUserById(conn: Connection, user_id: int) -> User | None:
     """The user with this id, or None."""
-    row = conn.execute(_user_query().where(users.c.id == user_id)).first()
+    row = conn.execute(_BY_ID, {"user_id": user_id}).first()
     return None if row is None else _user(row)
 
 
