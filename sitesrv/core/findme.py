@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
@@ -295,18 +295,26 @@ class Credit:
         )
 
 
+#: Built once: every decision runs it (building a statement costs more than running it).
+_LOCK_ACCOUNT = (
+    select(accounts.c.id).where(accounts.c.id == bindparam("account_id")).with_for_update()
+)
+
+
 def thdCredit(conn: Connection, role: str, site: str, user: User, offline: bool) -> Credit:
     """What ``user`` may spend, locking their account row until the transaction ends.
 
     Mirrors the rules of ``gate.thdCharge`` (account choice and floor) without charging.
     """
     decimals = thdDecimals(conn)
-    policies = {k: v for k, (v, _src) in thdEffectivePolicies(conn, site).items()}
     account = ledger.thdAccountById(conn, user.account_id)
     if account is None:
         return Credit(0, 0, 0, "balance", 0, decimals, f"no account for {user.username!r}")
     refused = None
+    policies: dict[str, str] = {}
     if offline:
+        # Only the offline rules depend on policies.
+        policies = {k: v for k, (v, _src) in thdEffectivePolicies(conn, site).items()}
         choice = policies["offline.account"]
         if choice == "refuse":
             refused = "printing is not charged while the site is offline (policy: refuse)"
@@ -314,7 +322,7 @@ def thdCredit(conn: Connection, role: str, site: str, user: User, offline: bool)
             account = ledger.thdAccount(conn, ledger.OFFLINE_ACCOUNT)
     # Serialise decisions and releases for one account (PostgreSQL runs several
     # writers; SQLite's single writer already does, and ignores FOR UPDATE).
-    conn.execute(select(accounts.c.id).where(accounts.c.id == account.id).with_for_update())
+    conn.execute(_LOCK_ACCOUNT, {"account_id": account.id})
     pending = outbox.thdPendingAmount(conn, account.id) if role == "site" else 0
     floor: int | None = None
     what = "balance"
