@@ -93,13 +93,6 @@ _INSERT = insert(provider_jobs).returning(*provider_jobs.c)
 _RELEASING_TOTAL = select(func.coalesce(func.sum(provider_jobs.c.cost), 0)).where(
     provider_jobs.c.user_id == bindparam("user_id"), provider_jobs.c.state == RELEASING
 )
-# The same for SQLite, whose planner (no statistics) otherwise takes the user_id index
-# and visits every job of the user still in the table (held, denied, finished: thousands
-# for a busy user), where the state index finds the few jobs on their way to a printer.
-# ``+ 0`` only keeps the user_id index out of the plan; the result is the same.
-_RELEASING_TOTAL_SQLITE = select(func.coalesce(func.sum(provider_jobs.c.cost), 0)).where(
-    provider_jobs.c.user_id + 0 == bindparam("user_id"), provider_jobs.c.state == RELEASING
-)
 
 
 def thdJob(conn: Connection, uuid: str) -> ProviderJob | None:
@@ -161,8 +154,7 @@ def thdReleasingTotal(conn: Connection, user_id: int) -> int:
     Counted against the balance when deciding and releasing, so that a user cannot
     release more than they can pay for before the first of those jobs is charged.
     """
-    q = _RELEASING_TOTAL_SQLITE if conn.dialect.name == "sqlite" else _RELEASING_TOTAL
-    total = conn.execute(q, {"user_id": user_id}).scalar_one()
+    total = conn.execute(_RELEASING_TOTAL, {"user_id": user_id}).scalar_one()
     return int(total)
 
 

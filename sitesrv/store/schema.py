@@ -435,7 +435,7 @@ provider_jobs = Table(
     Column("queue", String(200), nullable=False),
     Column("queue_id", Integer, nullable=True),
     Column("username", String(200), nullable=False),
-    Column("user_id", Integer, nullable=True, index=True),
+    Column("user_id", Integer, nullable=True),
     Column("document", String(500), nullable=False, default=""),
     Column("pages", Integer, nullable=False),
     Column("copies", Integer, nullable=False, default=1),
@@ -460,6 +460,9 @@ provider_jobs = Table(
     # Absolute time (not a duration), so a clock step neither stalls nor mass-fires it.
     Column("expires_at", Time, nullable=False, index=True),
     Column("updated_at", Time, nullable=False),
+    # A user's jobs in a state: the Find-Me list and the releasing total every decision
+    # and release counts against the balance.
+    Index("ix_provider_jobs_user_id_state", "user_id", "state"),
     sqlite_autoincrement=True,
 )
 
