@@ -86,6 +86,7 @@ dl.facts dd { margin: 0; }
 .muted { color: #6b7280; }
 form.inline { display: inline; }
 label { display: block; margin: .5em 0 .2em; }
+td label { display: inline; margin: 0; }
 input[type=text], input[type=password] { padding: .35em; width: 16em; max-width: 100%; }
 button { padding: .4em 1em; margin: .6em .4em 0 0; cursor: pointer; }
 button.danger { background: #b91c1c; color: #fff; border: 1px solid #7f1d1d; }
