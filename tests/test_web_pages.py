@@ -398,6 +398,17 @@ class LimitsTests(SynchronousTestCase):
         self.assertEqual(len(sessions), 3)
         self.assertEqual(Sessions(server.reactor).limit, MAX_SESSIONS)
 
+    def test_flood_does_not_log_people_out(self) -> None:
+        """New anonymous sessions push out other anonymous ones, not a logged-in one."""
+        server = primary(self)
+        server.sessions.limit = 3
+        admin = Browser(server)
+        log_in(admin)
+        for _ in range(10):
+            Browser(server).get("/login")
+        self.assertEqual(len(server.sessions), 3)
+        self.assertEqual(admin.get("/").code, 200)
+
     def test_form_too_many_fields(self) -> None:
         server = primary(self)
         browser = Browser(server)

@@ -181,12 +181,24 @@ class Sessions:
         fresh.notice, fresh.notice_is_error = session.notice, session.notice_is_error
         return fresh
 
+    def _drop_one(self) -> None:
+        """Make room: drop the least recently used session nobody is logged in to, so
+        that a flood of page loads cannot log administrators or users out; only when
+        every session has a login, the least recently used of all."""
+        anonymous = next(
+            (s.id for s in self._sessions.values() if s.admin is None and s.user is None), None
+        )
+        if anonymous is None:
+            self._sessions.popitem(last=False)
+        else:
+            del self._sessions[anonymous]
+
     def _new(self, request: Request) -> WebSession:
         now = self.clock.seconds()
         for sid in [s.id for s in self._sessions.values() if s.expires <= now]:
             del self._sessions[sid]
         while len(self._sessions) >= self.limit:
-            self._sessions.popitem(last=False)
+            self._drop_one()
         session = WebSession(
             id=secrets.token_urlsafe(32),
             csrf=secrets.token_urlsafe(32),
