@@ -11,6 +11,7 @@ PostgreSQL primary (skipped unless ``SITESRV_TEST_POSTGRES_URL`` is set).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sqlite3
 import uuid as uuidlib
@@ -23,8 +24,10 @@ from hypothesis import strategies as st
 from sqlalchemy import Connection, select
 from twisted.trial.unittest import SynchronousTestCase
 
+import sitesrv
 from sitesrv.core.gate import ChargeResult, JobInfo, thdCharge, thdViewBalance
 from sitesrv.errors import SitesrvError
+from sitesrv.replication import codec
 from sitesrv.replication.primary import thdPasswordsAllowed
 from sitesrv.store import Store, changelog, outbox, replica
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
@@ -123,11 +126,14 @@ def submit(
     now: float = NOW,
 ) -> int:
     """Send up to ``limit`` records above ``after`` (default: the replicated applied_seq)
-    to the primary, through the JSON the wire carries; return the primary's answer."""
+    to the primary as the drain does (the stored JSON packed as it is, decoded once at
+    the primary); return the primary's answer."""
     if after is None:
         after = site.read(outbox.thdOwnAppliedSeq)
-    payloads = [p.payload for p in pending(site, after, limit)]
-    return apply(primary, payloads, name, now)
+    texts = [text for _, text in site.read(outbox.thdPendingText, after, limit)]
+    values = codec.pack_json(texts, sitesrv.PROTOCOL_VERSION)
+    records = [r for value in values for r in codec.unpack(value, sitesrv.PROTOCOL_VERSION)]
+    return apply(primary, records, name, now)
 
 
 def apply(primary: Store, payloads: Sequence[Any], name: str = SITE, now: float = NOW) -> int:
@@ -268,6 +274,17 @@ class SiteRecordTests(SynchronousTestCase):
         self.assertEqual([r.balance for r in results], [970, 925, 920])
         # The replica itself is untouched: only the primary changes balances.
         self.assertEqual(self.site.read(thdAccountById, self.alice.account_id).balance, 10_00)
+
+    def test_pending_text_is_the_record_as_stored(self) -> None:
+        """What the drain reads is each record's stored JSON, undecoded, in order."""
+        for cost in (30, 45, 5):
+            site_charge(self.site, self.alice, cost)
+        texts = self.site.read(outbox.thdPendingText, 1, 10)
+        self.assertEqual([seq for seq, _ in texts], [2, 3])
+        self.assertEqual(
+            [json.loads(t) for _, t in texts], [r.payload for r in pending(self.site, 1)]
+        )
+        self.assertEqual(self.site.read(outbox.thdPendingText, 0, 1)[0][0], 1)
 
     def test_record_is_part_of_the_callers_transaction(self) -> None:
         """When the transaction that recorded fails, neither the record nor its

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +58,7 @@ from sitesrv.replication.liveness import LivenessAMP
 from sitesrv.replication.primary import decode_change
 from sitesrv.store import Store
 from sitesrv.store.changelog import Change
-from sitesrv.store.outbox import thdOwnAppliedSeq, thdPending, thdPendingCount
+from sitesrv.store.outbox import thdOwnAppliedSeq, thdPendingCount, thdPendingText
 from sitesrv.store.replica import (
     ReplicaError,
     thdApplyChanges,
@@ -75,6 +76,9 @@ log = Logger()
 MAX_HELD = 200_000
 #: Outbox records read per submission round.
 DRAIN_RECORDS = 5_000
+#: Submission rounds sent and not yet answered, at most: the next round is read and
+#: packed while the primary applies the previous one (which it then applies together).
+DRAIN_WINDOW = 2
 #: Seconds a new connection may take to complete its TLS handshake and hello.
 HELLO_TIMEOUT = 10.0
 #: Largest token file accepted.
@@ -262,41 +266,66 @@ class PrimaryLinkProtocol(LivenessAMP):
     # -- outbox ---------------------------------------------------------------------
 
     async def drain(self) -> None:
-        """Submit the outbox in sequence order until nothing is pending."""
+        """Submit the outbox in sequence order until nothing is pending.
+
+        Records go as they are stored (JSON text, packed without decoding); up to
+        ``DRAIN_WINDOW`` rounds are in flight. The primary applies a site's batches in
+        the order they arrive and none after one that failed, so a failure anywhere
+        closes the link and the next connection resumes after ``applied_seq``.
+        """
         if not self._mayDrain:
             return  # the connection drains everything once its snapshot is in
         if self._draining:
             self._drainAgain = True
             return
         self._draining = True
+        inflight: deque[tuple[Deferred[int], int]] = deque()
+        sent = 0
         try:
             while True:
                 self._drainAgain = False
                 applied = await self.store.runRead(thdOwnAppliedSeq)
-                after = max(self._acked, applied)
-                pending = await self.store.runRead(thdPending, after, DRAIN_RECORDS)
-                if not pending:
+                after = max(self._acked, applied, sent)
+                pending = await self.store.runRead(thdPendingText, after, DRAIN_RECORDS)
+                if pending:
+                    inflight.append((self._submitRound([p for _, p in pending]), len(pending)))
+                    sent = pending[-1][0]
+                    if len(inflight) < DRAIN_WINDOW:
+                        continue
+                elif not inflight:
                     if not self._drainAgain:
                         self.observer.outboxDrained()
                         return
                     continue
-                payloads = [p.payload for p in pending]
-                # All of a round's batches at once: the primary applies them in order
-                # (one at a time per site) while the next ones are on the wire.
-                try:
-                    answers = await gatherResults(
-                        [
-                            self.callRemote(SubmitOutbox, records=value)
-                            for value in codec.pack(payloads, self.replication.protocol_version)
-                        ],
-                        consumeErrors=True,
-                    )
-                except FirstError as e:
-                    e.subFailure.raiseException()
-                self._acked = max(self._acked, *(a["applied_seq"] for a in answers))
-                self.observer.outboxSubmitted(len(payloads), self._acked)
+                answered, count = inflight.popleft()
+                self._acked = max(self._acked, await answered)
+                self.observer.outboxSubmitted(count, self._acked)
         finally:
             self._draining = False
+            for answered, _ in inflight:
+                answered.addErrback(lambda _: None)  # the link is closing: said once
+
+    def _submitRound(self, texts: list[str]) -> Deferred[int]:
+        """Send one round's records, in as many values as they take (all at once);
+        the highest ``applied_seq`` answered."""
+        d = gatherResults(
+            [
+                self.callRemote(SubmitOutbox, records=value)
+                for value in codec.pack_json(texts, self.replication.protocol_version)
+            ],
+            consumeErrors=True,
+        )
+
+        def highest(answers: list[dict[str, Any]]) -> int:
+            return max(a["applied_seq"] for a in answers)
+
+        def first(failure: Failure) -> Failure:
+            failure.trap(FirstError)
+            error = failure.value
+            assert isinstance(error, FirstError)
+            return error.subFailure
+
+        return d.addCallbacks(highest, first)
 
     # -- snapshot -------------------------------------------------------------------
 

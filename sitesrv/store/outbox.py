@@ -135,6 +135,22 @@ def thdPending(conn: Connection, after: int, limit: int) -> list[Pending]:
     return [Pending(r.seq, r.uuid, json.loads(r.payload)) for r in rows]
 
 
+# What the drain reads, several times a second while reconciling: built once.
+_PENDING_TEXT = (
+    select(outbox.c.seq, outbox.c.payload)
+    .where(outbox.c.seq > bindparam("after"))
+    .order_by(outbox.c.seq)
+    .limit(bindparam("limit"))
+)
+
+
+def thdPendingText(conn: Connection, after: int, limit: int) -> list[tuple[int, str]]:
+    """Records with a sequence number above ``after``, in order, as (seq, the JSON text
+    stored): what the drain sends, without decoding it (``codec.pack_json``)."""
+    rows = conn.execute(_PENDING_TEXT, {"after": after, "limit": limit})
+    return [(seq, payload) for seq, payload in rows]
+
+
 def thdRecordByUUID(conn: Connection, uuid: str) -> Pending | None:
     """The record with this UUID still in the outbox, or None."""
     row = conn.execute(
