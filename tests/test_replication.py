@@ -21,6 +21,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, select, update
+from sqlalchemy.exc import OperationalError
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, execute
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -35,6 +36,7 @@ from zope.interface.verify import verifyObject
 
 import sitesrv
 from sitesrv.config import PrimaryLink
+from sitesrv.core.gate import thdCharge
 from sitesrv.failover import Failover, FailoverObserver
 from sitesrv.interfaces import IReplicationObserver
 from sitesrv.replication import codec
@@ -47,6 +49,7 @@ from sitesrv.replication.commands import (
     Poke,
     ProtocolViolation,
     SnapshotPage,
+    SubmitOutbox,
 )
 from sitesrv.replication.primary import MAX_SNAPSHOTS, PrimaryReplication
 from sitesrv.replication.site import PrimaryLinkProtocol, SiteReplication
@@ -74,6 +77,7 @@ from sitesrv.store.schema import (
     providers,
     replica_state,
     sites,
+    transactions,
     users,
 )
 from sitesrv.store.schema import settings as settings_table
@@ -1195,6 +1199,220 @@ class CodecTests(SynchronousTestCase):
         item = [random.Random(3).randbytes(80_000).hex()]
         for protocol in (1, 2):
             self.assertRaises(ValueError, codec.pack, [item], protocol)
+            self.assertRaises(ValueError, codec.pack_json, [json.dumps(item)], protocol)
+
+    @settings(max_examples=150, deadline=None)
+    @given(rows, st.sampled_from([1, 2]), st.booleans())
+    def test_json_texts_arrive_as_their_items(
+        self, items: list[Any], protocol: int, ascii: bool
+    ) -> None:
+        """Items stored as JSON text (the outbox's records) are sent without decoding;
+        the receiver's ``unpack`` gives back exactly the items, in order."""
+        texts = [json.dumps(item, separators=(",", ":"), ensure_ascii=ascii) for item in items]
+        values = codec.pack_json(texts, protocol)
+        self.assertTrue(values)
+        self.assertTrue(all(len(v) <= codec.MAX_VALUE for v in values))
+        decoded = [item for v in values for item in codec.unpack(v, protocol)]
+        self.assertEqual(decoded, [json.loads(t) for t in texts])
+
+    def test_json_texts_compressed_once(self) -> None:
+        """A backlog of records is cut into values by the ratio the last one achieved:
+        each is compressed once, and values are nearly full."""
+        texts = [
+            json.dumps(
+                {
+                    "uuid": str(uuidlib.UUID(int=random.Random(i).getrandbits(128))),
+                    "seq": i,
+                    "username": f"user{i % 1000}",
+                    "amount": -10,
+                }
+            )
+            for i in range(20_000)
+        ]
+        calls: list[int] = []
+        compress = zlib.compress
+
+        def counting(data: bytes, level: int = -1) -> bytes:
+            calls.append(len(data))
+            return compress(data, level)
+
+        self.patch(codec.zlib, "compress", counting)
+        values = codec.pack_json(texts, 2)
+        self.assertEqual(len(calls), len(values))
+        self.assertGreater(len(values), 3)
+        self.assertTrue(all(len(v) <= codec.MAX_VALUE for v in values))
+        # All but the first (a guess) and the last (the rest) are at least 3/4 full.
+        self.assertTrue(all(len(v) > 0.75 * codec.MAX_VALUE for v in values[1:-1]))
+        self.assertEqual(
+            [i for v in values for i in codec.unpack(v, 2)], [json.loads(t) for t in texts]
+        )
+
+    def test_json_texts_compressing_worse_than_before(self) -> None:
+        """Texts that compress well, then texts that do not: a value that comes out too
+        large is made again with fewer texts, and every value fits."""
+        rnd = random.Random(5)
+        texts = [json.dumps("a" * 2000) for _ in range(300)]
+        texts += [json.dumps(rnd.randbytes(1000).hex()) for _ in range(300)]
+        values = codec.pack_json(texts, 2)
+        self.assertTrue(all(len(v) <= codec.MAX_VALUE for v in values))
+        self.assertEqual(
+            [i for v in values for i in codec.unpack(v, 2)], [json.loads(t) for t in texts]
+        )
+
+
+# -- 10b. outbox submission ------------------------------------------------------------
+
+
+def thdSiteLedger(conn: Connection, site: str) -> list[str]:
+    """The UUIDs of the primary's transactions from ``site``, in the order applied."""
+    q = select(transactions.c.uuid).where(transactions.c.site == site)
+    return list(conn.execute(q.order_by(transactions.c.id)).scalars())
+
+
+class OutboxTests(ReplicationTestCase):
+    """A site's outbox reaches the primary's ledger exactly once and in order, however
+    its batches are grouped on the way, whatever fails."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        # Small rounds, so that a few hundred records make several.
+        self.patch(site_module, "DRAIN_RECORDS", 40)
+        self.north, self.wire = self.synced_north()
+        #: The records of each thdApplyOutbox the primary started, in order.
+        self.applied: list[int] = []
+        #: Applications held back (while ``holding``) until the test fires them.
+        self.held: list[Deferred[None]] = []
+        self.holding = False
+        run_write = self.primary.runWrite
+
+        def runWrite(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+            if fn is not outbox.thdApplyOutbox:
+                return run_write(fn, *args, **kwargs)
+            self.applied.append(len(args[1]))
+            if not self.holding:
+                return run_write(fn, *args, **kwargs)
+            # Held as a busy writer would hold it, until the test releases it.
+            gate: Deferred[None] = Deferred()
+            gate.addCallback(lambda _: run_write(fn, *args, **kwargs))
+            self.held.append(gate)
+            return gate
+
+        self.patch(self.primary, "runWrite", runWrite)
+
+    def charge(self, count: int) -> list[str]:
+        """``count`` charges of 0.01 for bob recorded at the site behind the link's back;
+        their transaction UUIDs in order."""
+        user = self.north.store.read(thdUser, "bob")
+        uuids = [str(uuidlib.uuid4()) for _ in range(count)]
+        for i, txn in enumerate(uuids):
+            self.north.store.write(
+                thdCharge,
+                role="site",
+                site="north",
+                user=user,
+                amount=-1,
+                reason="print",
+                job=None,
+                offline=True,
+                now=NOW + i,
+                txn_uuid=txn,
+            )
+        return uuids
+
+    def release(self) -> None:
+        """Let the held applications run, oldest first, and deliver what follows."""
+        while self.held:
+            gate = self.held.pop(0)
+            gate.callback(None)
+            self.settle()
+
+    def assertLedger(self, uuids: list[str]) -> None:
+        self.assertEqual(self.primary.read(thdSiteLedger, "north"), uuids)
+        self.assertEqual(self.primary.read(thdSite, "north").applied_seq, len(uuids))
+        self.assertEqual(self.north.store.read(outbox.thdPendingCount), 0)
+
+    def test_backlog_drains_once_in_order(self) -> None:
+        uuids = self.charge(230)
+        self.north.replication.outboxChanged()
+        self.settle()
+        self.assertLedger(uuids)
+        self.assertEqual(self.north.mode, "online")
+        self.assertEqual(sum(self.applied), 230)
+        submitted = [e[1] for e in self.north.observer.events if e[0] == "outboxSubmitted"]
+        self.assertEqual([count for count, _ in submitted], [40] * 5 + [30])
+        self.assertEqual(submitted[-1][1], 230)
+
+    def test_batches_that_queue_up_are_applied_together(self) -> None:
+        """While the primary applies one batch, the site's next rounds arrive: they are
+        then applied in one transaction, in order."""
+        self.patch(site_module, "DRAIN_WINDOW", 3)
+        self.holding = True
+        uuids = self.charge(120)
+        self.north.replication.outboxChanged()
+        self.settle()
+        self.assertEqual(self.applied, [40])  # held; two more rounds wait behind it
+        self.holding = False
+        self.release()
+        self.assertEqual(self.applied, [40, 80])
+        self.assertLedger(uuids)
+
+    def test_failed_batch_stops_the_ones_behind_it(self) -> None:
+        """A batch that fails to apply takes the batches queued behind it down with it:
+        none is applied past the failure, the site closes the link, and on reconnecting
+        it resends from the primary's applied_seq: each charge is applied once, in
+        order."""
+        self.patch(site_module, "DRAIN_WINDOW", 3)
+        self.holding = True
+        uuids = self.charge(120)
+        self.north.replication.outboxChanged()
+        self.settle()
+        self.assertEqual(self.applied, [40])
+        self.holding = False
+        gate = self.held.pop(0)
+        gate.errback(OperationalError("INSERT", {}, Exception("disk I/O error")))
+        self.settle()
+        self.assertTrue(self.wire.closed)
+        self.assertEqual(self.applied, [40])  # the queued ones never ran
+        self.assertEqual(self.primary.read(thdSiteLedger, "north"), [])
+        self.assertEqual(self.primary.read(thdSite, "north").applied_seq, 0)
+        self.flushLoggedErrors(OperationalError)
+        self.connect(self.north)
+        self.assertLedger(uuids)
+        self.assertEqual(self.north.mode, "online")
+
+    def test_a_reconnected_site_waits_for_its_old_batches(self) -> None:
+        """Batches a closed connection left queued are applied before the new
+        connection's (which resends some of them): once each, in order."""
+        self.holding = True
+        uuids = self.charge(100)
+        self.north.replication.outboxChanged()
+        self.settle()
+        self.assertEqual(self.applied, [40])
+        self.disconnect(self.wire)
+        self.holding = False
+        wire = self.connect(self.north)
+        self.assertFalse(wire.closed)
+        self.release()
+        self.settle()
+        self.assertLedger(uuids)
+
+    def test_protocol_1_site_drains(self) -> None:
+        """A site speaking protocol 1 sends its records as plain JSON."""
+        self.disconnect(self.wire)
+        self.north.replication.protocol_version = 1
+        sent: list[bytes] = []
+        call_remote = PrimaryLinkProtocol.callRemote
+
+        def callRemote(protocol: Any, command: Any, **kw: Any) -> Deferred[Any]:
+            if command is SubmitOutbox:
+                sent.append(kw["records"])
+            return call_remote(protocol, command, **kw)
+
+        self.patch(PrimaryLinkProtocol, "callRemote", callRemote)
+        uuids = self.charge(50)
+        self.connect(self.north)
+        self.assertLedger(uuids)
+        self.assertEqual([r["uuid"] for v in sent for r in json.loads(v)], uuids)
 
 
 # -- 11. password verifiers -----------------------------------------------------------

@@ -12,11 +12,13 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore, gatherResults
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
@@ -87,6 +89,18 @@ HELLO_TIMEOUT = 30.0
 POLL_INTERVAL = 0.05
 #: How often a session writes the site's position to ``site_links``, seconds.
 LINK_WRITE_INTERVAL = 1.0
+#: Most outbox records applied in one transaction (batches that queue up while the
+#: previous ones are applied go together).
+OUTBOX_GROUP_RECORDS = 20_000
+
+
+@attrs.define
+class _Submission:
+    """A site's outbox batch waiting to be applied, and who waits for the answer."""
+
+    session: SiteSession
+    records: list[Any]
+    done: Deferred[int]
 
 
 def thdPasswordsAllowed(conn: Any, site: str) -> bool:
@@ -130,7 +144,8 @@ class SiteSession(LivenessAMP):
         self._last_link_write = 0.0
         self._snapshot: Snapshot | None = None
         self._helloTimer: IDelayedCall | None = None
-        self._applying = DeferredLock()
+        #: Why a batch of this session's failed to apply: its later batches are refused.
+        self.outboxFailure: Failure | None = None
 
     # -- hello ----------------------------------------------------------------------
 
@@ -345,13 +360,7 @@ class SiteSession(LivenessAMP):
     async def _submitOutbox(self, records: bytes) -> dict[str, Any]:
         site = self._require_site()
         batch = codec.unpack(records, self.protocol_version)
-        # One batch at a time per site, in the order they came: a later batch committed
-        # first would move applied_seq past records not yet applied.
-        applied = await self._applying.run(
-            lambda: self.store.runWrite(thdApplyOutbox, site, batch, self.clock.seconds())
-        )
-        # The applied batch changed the change log: tell every site now, not at the next poll.
-        self.service.poll()
+        applied = await self.service.applyOutbox(self, site, batch)
         return {"applied_seq": applied}
 
     # -- snapshot -------------------------------------------------------------------
@@ -531,6 +540,8 @@ class PrimaryReplication(Service):
         self._trim = LoopingCall(self.trim)
         self._trim.clock = clock
         self._polling = False
+        #: Each site's outbox batches waiting to be applied, in arrival order.
+        self._outbox: dict[str, deque[_Submission]] = {}
 
     def factory(self) -> Factory:
         """The protocol factory for the replication port."""
@@ -571,6 +582,58 @@ class PrimaryReplication(Service):
             del self.sessions[session.site]
             return True
         return False
+
+    def applyOutbox(self, session: SiteSession, site: str, records: list[Any]) -> Deferred[int]:
+        """Apply a batch of ``site``'s outbox after every batch that came before it (from
+        any of its sessions); the site's ``applied_seq`` once committed.
+
+        Batches that arrive while the site's previous ones are being applied are then
+        applied together, in order, in one transaction (one commit, and one change of
+        each balance for the stream). A batch that came after one of its session's that
+        failed is refused with that failure: applying it would move ``applied_seq`` past
+        the records that failed, and the site would never resend them.
+        """
+        done: Deferred[int] = Deferred()
+        queue = self._outbox.get(site)
+        if queue is None:
+            queue = self._outbox[site] = deque()
+            queue.append(_Submission(session, records, done))
+            self._applyQueued(site, queue)
+        else:
+            queue.append(_Submission(session, records, done))
+        return done
+
+    def _applyQueued(self, site: str, queue: deque[_Submission]) -> None:
+        group: list[_Submission] = []
+        count = 0
+        while queue and (not group or count + len(queue[0].records) <= OUTBOX_GROUP_RECORDS):
+            submission = queue.popleft()
+            if submission.session.outboxFailure is not None:
+                submission.done.errback(submission.session.outboxFailure)
+                continue
+            group.append(submission)
+            count += len(submission.records)
+        if not group:
+            del self._outbox[site]
+            return
+        records = [r for s in group for r in s.records] if len(group) > 1 else group[0].records
+        d = self.store.runWrite(thdApplyOutbox, site, records, self.clock.seconds())
+
+        def applied(seq: int) -> None:
+            for s in group:
+                s.done.callback(seq)
+            # The batch changed the change log: tell every site now, not at the next poll.
+            self.poll()
+
+        def failed(failure: Failure) -> None:
+            for s in group:
+                s.session.outboxFailure = failure
+            for s in group:
+                s.done.errback(failure)
+
+        d.addCallbacks(applied, failed)
+        d.addErrback(lambda f: log.failure("answering outbox batches", f))
+        d.addCallback(lambda _: self._applyQueued(site, queue))
 
     def poll(self) -> Deferred[None] | None:
         """Check the change-log head; poke sites and close revoked links when it moved."""
