@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 from sitesrv.errors import AlreadyExists, Invalid
 from sitesrv.store import Store
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
-from sitesrv.store.engine import normalise_url
+from sitesrv.store.engine import normalise_url, thdInsertMany
 from sitesrv.store.schema import (
     accounts,
     cards,
@@ -137,6 +137,87 @@ class ImportSQLiteTests(TestCase):
             e = self.assertRaises(error, store.write, thdImportUsers, people, NOW)
             self.assertIn(message, str(e))
             self.assertEqual(store.read(_thdDump), before)
+
+    def test_awkward_values_same_as_one_by_one(self) -> None:
+        """Text that COPY must escape (tabs, newlines, backslashes, "\\N", non-ASCII)
+        and an import after rows written one by one come out as the one-by-one path."""
+        awkward = [
+            NewUser(
+                "back\\slash\\N",
+                full_name="line\nbreak\r\\N back\\slash",
+                email="\u00e9t\u00e9@\U0001f600.example",
+                balance=-5,
+                restricted=False,
+                credit_limit=2**40,
+                password_verifier="$x$\\.\t",
+                cards=("\\N", "a\tb"),
+            ),
+            NewUser("\u00e9mile", cards=("\u20ac1",)),
+        ]
+        first, rest = PEOPLE[:3], [*awkward, *PEOPLE[3:10]]
+        one = self.primary()
+        one.write(_thdOneByOne, first + rest, NOW)
+        expected = one.read(_thdDump)
+        one.stop()
+        bulk = self.primary()
+        bulk.write(_thdOneByOne, first, NOW)
+        bulk.write(thdImportUsers, rest, NOW, site="hq")
+        self.assertEqual(bulk.read(_thdDump), expected)
+        # Later one-by-one inserts take the ids after the imported ones.
+        bulk.write(thdAddUser, "later", NOW)
+        one = self.primary()
+        one.write(_thdOneByOne, first + rest, NOW)
+        one.write(thdAddUser, "later", NOW)
+        self.assertEqual(bulk.read(_thdDump), one.read(_thdDump))
+
+    def test_insert_many(self) -> None:
+        """``thdInsertMany``: ids in row order by key, defaults, iterators, no rows."""
+        store = self.primary()
+        store.write(thdAddUser, "alice", NOW)
+
+        def thdInsert(conn: Any) -> tuple[dict[Any, int], dict[Any, int], dict[Any, int]]:
+            columns = ("username", "full_name", "email", "created_at")
+            ids = thdInsertMany(
+                conn,
+                users,
+                columns,
+                [(name, "", "", NOW) for name in ("zed", "bob", "\\N")],
+                key="username",
+            )
+            empty = thdInsertMany(conn, users, columns, [], key="username")
+            rows = iter([(ids["zed"], "1234", NOW), (ids["bob"], "5678", NOW)])
+            none = thdInsertMany(conn, cards, ("user_id", "number", "created_at"), rows)
+            return ids, empty, none
+
+        ids, empty, none = store.write(thdInsert)
+        alice = store.read(thdUser, "alice").id
+        self.assertEqual(ids, {"zed": alice + 1, "bob": alice + 2, "\\N": alice + 3})
+        self.assertEqual((empty, none), ({}, {}))
+        # Left-out columns have their defaults: disabled False, no PIN.
+        self.assertEqual(
+            store.read(
+                lambda c: c.execute(
+                    select(users.c.id, users.c.username, users.c.disabled, users.c.pin_verifier)
+                    .where(users.c.id > alice)
+                    .order_by(users.c.id)
+                ).all()
+            ),
+            [
+                (alice + 1, "zed", False, None),
+                (alice + 2, "bob", False, None),
+                (alice + 3, "\\N", False, None),
+            ],
+        )
+        self.assertEqual(
+            store.read(lambda c: c.execute(select(cards.c.number).order_by(cards.c.id)).all()),
+            [("1234",), ("5678",)],
+        )
+        # The sequence goes on after the ids taken.
+        self.assertEqual(store.write(thdAddUser, "carol", NOW).id, alice + 4)
+        # A column without a default must be given.
+        self.assertRaises(
+            ValueError, store.write, thdInsertMany, users, ("username",), [("dora",)]
+        )
 
     def test_imported_users_work(self) -> None:
         """Imported users are found like any other, with their balance."""

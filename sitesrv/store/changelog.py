@@ -21,6 +21,7 @@ import attrs
 from sqlalchemy import Connection, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
+from sitesrv.store.engine import thdInsertMany
 from sitesrv.store.schema import (
     REPLICATED_BY_NAME,
     ROW_FORMAT,
@@ -88,6 +89,8 @@ _NEXT_POSITION = (
     .returning(replication_state.c.head)
 )
 _APPEND = insert(changelog)
+#: ``json.dumps(image, separators=(",", ":"))``, without making an encoder each time.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 @functools.cache
@@ -153,7 +156,7 @@ def _thdAppend(
             "table_name": table.name,
             "row_id": row_id,
             "op": op,
-            "image": None if image is None else json.dumps(image, separators=(",", ":")),
+            "image": None if image is None else _encode(image),
             "scope": scope,
             "format": ROW_FORMAT,
             "created_at": now,
@@ -239,27 +242,31 @@ def thdLogMany(
     ).scalar_one()
     first = last - len(entries) + 1
     group = first if own_group else _thdTxn(conn, first)
-    scopes: dict[tuple[str, Any], str | None] = {}
-    values = []
-    for offset, (table, row) in enumerate(entries):
+    # Scopes first (they may need queries); the images are encoded as the rows go out,
+    # so that on PostgreSQL the server stores the first while the rest are encoded.
+    known: dict[tuple[str, Any], str | None] = {}
+    scopes = []
+    for table, row in entries:
         column = REPLICATED_BY_NAME[table.name].scope_column
         key = (table.name, None if column is None else row[column])
-        if key not in scopes:
-            scopes[key] = _thdScope(conn, table, row)
-        values.append(
-            (
-                first + offset,
-                table.name,
-                row["id"],
-                "upsert",
-                json.dumps(_image(table, row), separators=(",", ":")),
-                scopes[key],
-                ROW_FORMAT,
-                now,
-                group,
-            )
+        if key not in known:
+            known[key] = _thdScope(conn, table, row)
+        scopes.append(known[key])
+    rows = (
+        (
+            first + offset,
+            table.name,
+            row["id"],
+            "upsert",
+            _encode(_image(table, row)),
+            scope,
+            ROW_FORMAT,
+            now,
+            group,
         )
-    _thdInsertMany(
+        for offset, ((table, row), scope) in enumerate(zip(entries, scopes, strict=True))
+    )
+    thdInsertMany(
         conn,
         changelog,
         (
@@ -273,31 +280,9 @@ def thdLogMany(
             "created_at",
             "txn",
         ),
-        values,
-    )
-    return last
-
-
-#: Parameter markers of the DB-API paramstyles of sqlite3 and psycopg.
-_MARKERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
-
-
-def _thdInsertMany(
-    conn: Connection, table: Table, columns: Sequence[str], rows: list[tuple[Any, ...]]
-) -> None:
-    # Hundreds of thousands of rows: straight to the driver's executemany, which spares
-    # SQLAlchemy's per-row parameter processing (none is needed for these plain types).
-    marker = _MARKERS.get(str(conn.dialect.paramstyle))
-    if marker is None:
-        conn.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
-        return
-    quote = conn.dialect.identifier_preparer
-    names = ", ".join(quote.format_column(table.c[name]) for name in columns)
-    conn.exec_driver_sql(
-        f"INSERT INTO {quote.format_table(table)} ({names}) "
-        f"VALUES ({', '.join([marker] * len(columns))})",
         rows,
     )
+    return last
 
 
 def thdUpdate(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import uuid as uuidlib
 from collections.abc import Iterable
 from typing import Any
 
 import attrs
-from sqlalchemy import Connection, bindparam, insert, select
+from sqlalchemy import ARRAY, Connection, bindparam, func, select, true
 
 from sitesrv.errors import AlreadyExists, Invalid, NotFound
 from sitesrv.store import ledger
@@ -19,6 +20,7 @@ from sitesrv.store.changelog import (
     thdRows,
     thdUpdate,
 )
+from sitesrv.store.engine import thdInsertMany
 from sitesrv.store.schema import (
     AccountType,
     accounts,
@@ -333,11 +335,29 @@ class NewUser:
     cards: tuple[str, ...] = ()
 
 
+@functools.cache
+def _existing(column: Any, postgresql: bool) -> Any:
+    # Built once: a statement with an ``IN`` list of hundreds of parameters is one
+    # psycopg parses anew each time. On PostgreSQL the values go as one array, each
+    # looked up on its own in the column's unique index: a plain ``= ANY(array)``
+    # seq-scans the table while the planner thinks it small (or has no statistics yet,
+    # as during a bulk load), which makes a large import quadratic.
+    if not postgresql:
+        return select(column.table).where(column.in_(bindparam("values", expanding=True)))
+    values = (
+        func.unnest(bindparam("values", type_=ARRAY(column.type)))
+        .table_valued("value")
+        .render_derived(name="v")
+    )
+    match = select(column.table).where(column == values.c.value).limit(1).lateral("m")
+    return select(match).select_from(values.join(match, true())).limit(1)
+
+
 def _thdExisting(conn: Connection, column: Any, values: list[str]) -> Any:
-    """The first of ``values`` already in ``column`` (with the matching row), or None."""
+    """One of ``values`` already in ``column`` (its row), or None."""
+    query = _existing(column, conn.dialect.name == "postgresql")
     for start in range(0, len(values), IMPORT_CHUNK):
-        chunk = values[start : start + IMPORT_CHUNK]
-        row = conn.execute(select(column.table).where(column.in_(chunk))).first()
+        row = conn.execute(query, {"values": values[start : start + IMPORT_CHUNK]}).first()
         if row is not None:
             return row
     return None
@@ -388,39 +408,32 @@ def thdImportUsers(
 def _thdImportChunk(conn: Connection, chunk: list[NewUser], now: float, site: str) -> None:
     # Insert in the order the one-by-one path would, table by table (so the ids come out
     # the same), then log the rows in its per-user order.
-    user_ids: dict[str, int] = dict(
-        conn.execute(
-            insert(users).returning(users.c.username, users.c.id),
-            [
-                {
-                    "username": u.username,
-                    "full_name": u.full_name,
-                    "email": u.email,
-                    "disabled": False,
-                    "created_at": now,
-                }
-                for u in chunk
-            ],
-        ).all()
+    user_ids: dict[str, int] = thdInsertMany(
+        conn,
+        users,
+        ("username", "full_name", "email", "disabled", "created_at"),
+        [(u.username, u.full_name, u.email, False, now) for u in chunk],
+        key="username",
     )
-    account_ids: dict[int, int] = dict(
-        conn.execute(
-            insert(accounts).returning(accounts.c.user_id, accounts.c.id),
-            [
-                {
-                    "name": u.username,
-                    "type": AccountType.PERSONAL.value,
-                    "user_id": user_ids[u.username],
-                    # Written with its opening balance at once; logged as the one-by-one
-                    # path logs it: opened with 0, then given the balance by ledger.thdPost.
-                    "balance": u.balance,
-                    "restricted": u.restricted,
-                    "credit_limit": u.credit_limit,
-                    "created_at": now,
-                }
-                for u in chunk
-            ],
-        ).all()
+    account_ids: dict[int, int] = thdInsertMany(
+        conn,
+        accounts,
+        ("name", "type", "user_id", "balance", "restricted", "credit_limit", "created_at"),
+        [
+            # Written with its opening balance at once; logged as the one-by-one path
+            # logs it: opened with 0, then given the balance by ledger.thdPost.
+            (
+                u.username,
+                AccountType.PERSONAL.value,
+                user_ids[u.username],
+                u.balance,
+                u.restricted,
+                u.credit_limit,
+                now,
+            )
+            for u in chunk
+        ],
+        key="user_id",
     )
     user_rows = thdRows(conn, users, list(user_ids.values()))
     balanced = thdRows(conn, accounts, list(account_ids.values()))
@@ -432,46 +445,60 @@ def _thdImportChunk(conn: Connection, chunk: list[NewUser], now: float, site: st
     if funded:
         # The transaction ledger.thdPost records for an opening balance (its own UUID;
         # transactions are not in the change log).
-        conn.execute(
-            insert(transactions),
+        thdInsertMany(
+            conn,
+            transactions,
+            (
+                "uuid",
+                "account_id",
+                "account_name",
+                "amount",
+                "balance_after",
+                "reason",
+                "comment",
+                "job_uuid",
+                "site",
+                "created_at",
+            ),
             [
-                {
-                    "uuid": str(uuidlib.uuid4()),
-                    "account_id": account_ids[user_ids[u.username]],
-                    "account_name": u.username,
-                    "amount": u.balance,
-                    "balance_after": u.balance,
-                    "reason": "initial",
-                    "comment": "opening balance",
-                    "job_uuid": None,
-                    "site": site,
-                    "created_at": now,
-                }
+                (
+                    str(uuidlib.uuid4()),
+                    account_ids[user_ids[u.username]],
+                    u.username,
+                    u.balance,
+                    u.balance,
+                    "initial",
+                    "opening balance",
+                    None,
+                    site,
+                    now,
+                )
                 for u in funded
             ],
         )
     verifiers = [u for u in chunk if u.password_verifier is not None]
     password_rows: dict[int, dict[str, Any]] = {}
     if verifiers:
-        password_ids: dict[int, int] = dict(
-            conn.execute(
-                insert(passwords).returning(passwords.c.user_id, passwords.c.id),
-                [
-                    {"user_id": user_ids[u.username], "verifier": u.password_verifier}
-                    for u in verifiers
-                ],
-            ).all()
+        password_ids: dict[int, int] = thdInsertMany(
+            conn,
+            passwords,
+            ("user_id", "verifier"),
+            [(user_ids[u.username], u.password_verifier) for u in verifiers],
+            key="user_id",
         )
         rows = thdRows(conn, passwords, list(password_ids.values()))
         password_rows = {row["user_id"]: row for row in rows.values()}
     card_rows: dict[str, dict[str, Any]] = {}
     numbers = [(number, user_ids[u.username]) for u in chunk for number in u.cards]
     if numbers:
-        card_ids = conn.execute(
-            insert(cards).returning(cards.c.id),
-            [{"number": n, "user_id": uid, "created_at": now} for n, uid in numbers],
-        ).scalars()
-        rows = thdRows(conn, cards, list(card_ids))
+        card_ids = thdInsertMany(
+            conn,
+            cards,
+            ("number", "user_id", "created_at"),
+            [(n, uid, now) for n, uid in numbers],
+            key="number",
+        )
+        rows = thdRows(conn, cards, list(card_ids.values()))
         card_rows = {row["number"]: row for row in rows.values()}
     entries: list[tuple[Any, dict[str, Any]]] = []
     for u in chunk:
