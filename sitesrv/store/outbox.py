@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from sqlalchemy import Connection, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
 from sitesrv.errors import SitesrvError
@@ -458,10 +458,8 @@ def _thdApplyMany(conn: Connection, site: str, records: list[dict[str, Any]], no
                 "overdraft": account.restricted and amount < 0 and balance < -account.credit_limit,
             }
         )
-    if job_rows:
-        conn.execute(insert(job_log), job_rows)
-    if txn_rows:
-        conn.execute(insert(transactions), txn_rows)
+    _thdInsertRows(conn, job_log, job_rows)
+    _thdInsertRows(conn, transactions, txn_rows)
     if balances:
         conn.execute(
             update(accounts)
@@ -471,6 +469,28 @@ def _thdApplyMany(conn: Connection, site: str, records: list[dict[str, Any]], no
         )
         rows = thdRows(conn, accounts, list(balances))
         thdLogMany(conn, [(accounts, rows[k]) for k in sorted(balances)], now)
+
+
+def _thdInsertRows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert rows of plain values, each with the same keys (column names).
+
+    On SQLite straight to the driver's ``executemany``: SQLAlchemy's processing of
+    each row's parameters (none is needed for plain values) took a quarter of the
+    primary's time applying a reconciling site's batches.
+    """
+    if not rows:
+        return
+    if conn.dialect.name != "sqlite":
+        conn.execute(insert(table), rows)
+        return
+    names = list(rows[0])
+    quote = conn.dialect.identifier_preparer
+    statement = (
+        f"INSERT INTO {quote.format_table(table)} "
+        f"({', '.join(quote.format_column(table.c[n]) for n in names)}) "
+        f"VALUES ({', '.join('?' * len(names))})"
+    )
+    conn.exec_driver_sql(statement, [tuple(row[n] for n in names) for row in rows])
 
 
 def thdDeadLetter(conn: Connection, site: str, record: Any, error: str, now: float) -> None:
