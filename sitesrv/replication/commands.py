@@ -160,9 +160,12 @@ class Revoke(amp.Command):
 class SubmitOutbox(amp.Command):
     """Site → primary: a batch of outbox records, in sequence order.
 
-    The primary applies the batch in one transaction (de-duplicating by UUID) and answers
-    with the site's ``applied_seq``; the same transaction updates the replicated site row,
-    so the stream carries the new balances and ``applied_seq`` together.
+    The primary applies a site's batches in the order they arrive, each in one
+    transaction (de-duplicating by UUID) together with any that queued behind the one
+    before, and answers with the site's ``applied_seq``; the same transaction updates the
+    replicated site row, so the stream carries the new balances and ``applied_seq``
+    together. After a batch failed, the session's later batches are refused with its
+    error. The site sends its records' stored JSON text as it is, packed like row batches.
     """
 
     arguments = [(b"records", amp.String())]
