@@ -4,7 +4,8 @@ it back; how fast does it switch, does any request fail, and how fast does it re
 Run ``python -m bench.failover --help``. It builds a primary ``hq`` and a site ``north``
 in a new temporary directory (deleted afterwards unless ``--keep``) with the set-up
 helpers of ``bench.replication``: ``sitesrv-admin tls init``, TOML configs (plus
-``[replication] heartbeat = --heartbeat``), ``site add``, users bulk-imported into the
+``[replication] heartbeat = --heartbeat``, and ``max_backoff = --max-backoff`` when
+given), ``site add``, users bulk-imported into the
 primary's database, then ``printer add p1 --site north`` and ``device add mfd --site
 north --connector http --printer p1`` (whose printed API key the client uses). Both run
 as real ``twistd -n sitesrv --config`` processes; the site reaches the primary's TLS
@@ -625,6 +626,8 @@ class Bench:
         for node in (primary, site):
             with open(node.config, "a", encoding="utf-8") as f:
                 f.write(f"\n[replication]\nheartbeat = {o.heartbeat!r}\n")
+                if o.max_backoff is not None:
+                    f.write(f"max_backoff = {o.max_backoff!r}\n")
         admin(
             primary,
             *("printer", "add", PRINTER, "--site", SITE),
@@ -982,6 +985,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--records", type=int, default=100_000, help="offline records to reconcile")
     p.add_argument("--heartbeat", type=float, default=1.0, help="[replication] heartbeat, s")
+    p.add_argument(
+        "--max-backoff",
+        type=float,
+        default=None,
+        help="[replication] max_backoff, s (the site's longest wait between reconnection "
+        "attempts; default: the server's, 5 s)",
+    )
     p.add_argument("--trials", type=int, default=3, help="cuts and black-holes, each")
     p.add_argument("--settle", type=float, default=2.0, help="seconds online before a fault")
     p.add_argument("--users", type=int, default=1_000, help="users (one card each)")
@@ -991,6 +1001,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     options = p.parse_args(argv)
     if options.rate <= 0 or options.seconds <= 0 or options.heartbeat <= 0:
         p.error("--rate, --seconds and --heartbeat must be above 0")
+    if options.max_backoff is not None and options.max_backoff <= 0:
+        p.error("--max-backoff must be above 0")
     if options.records < 0 or options.trials < 1 or options.users < 1 or options.settle < 0:
         p.error("--records 0 or more, --trials and --users 1 or more, --settle 0 or more")
     return options
