@@ -82,7 +82,7 @@ class ReplicationConfig:
     """Replication timing and retention."""
 
     heartbeat: float = 1.0
-    max_backoff: float = 5.0
+    max_backoff: float = 2.0
     changelog_max_age_days: int = 30
     outbox_retention_days: int = 7
 

@@ -81,7 +81,7 @@ class DefaultTests(ConfigTestCase):
                 ca=f"{data_dir}/tls/ca.crt",
             ),
         )
-        self.assertEqual(c.replication, ReplicationConfig(1.0, 5.0, 30, 7))
+        self.assertEqual(c.replication, ReplicationConfig(1.0, 2.0, 30, 7))
         self.assertEqual((c.currency, c.decimals, c.log_level), ("USD", 2, "info"))
         self.assertIsNone(c.primary)
 

@@ -486,7 +486,7 @@ class SiteReplication(MultiService):
         observer: IReplicationObserver,
         clock: IReactorTime,
         endpoint: IStreamClientEndpoint,
-        max_backoff: float = 5.0,
+        max_backoff: float = 2.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
