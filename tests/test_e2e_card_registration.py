@@ -17,6 +17,7 @@ from tests.processes import (
     admin_sync,
     enrol,
     reactor,
+    skip_without_twistd,
     tls_init,
     wait_for,
     wait_for_health,
@@ -24,7 +25,7 @@ from tests.processes import (
     write_primary_config,
     write_site_config,
 )
-from tests.test_e2e_device import HTTP_TIMEOUT, _call, _skip_without_twistd
+from tests.test_e2e_device import HTTP_TIMEOUT, _call
 
 OLD_CARD = "0011110000"
 NEW_CARD = "0022220000"
@@ -36,7 +37,7 @@ class CardRegisteredOfflineTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        _skip_without_twistd()
+        skip_without_twistd()
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         self.primary = write_primary_config(directory, "hq")
