@@ -30,6 +30,13 @@ def postgres_url() -> str | None:
     return os.environ.get(POSTGRES_ENV) or None
 
 
+def postgres_skip() -> str | None:
+    """Why a PostgreSQL test class skips (``None``: it runs)."""
+    if postgres_url():
+        return None
+    return f"set {POSTGRES_ENV} (e.g. postgresql://user:pw@127.0.0.1/db) to run on PostgreSQL"
+
+
 def reset_postgres(url: str) -> None:
     """Drop everything in the test database's public schema."""
     engine = create_engine(normalise_url(url))

@@ -14,21 +14,21 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, select
 from twisted.trial.unittest import SynchronousTestCase
 
 from sitesrv.admin.cli import main
 from sitesrv.config import load
 from sitesrv.secrets import check_verifier, token_matches
 from sitesrv.store import Store
+from sitesrv.store.engine import normalise_url
 from sitesrv.store.jobs import thdLogJob
 from sitesrv.store.schema import audit_log, changelog, devices, passwords, sites, users
 from sitesrv.tls import fingerprint_of
+from tests.support import POSTGRES_ENV, postgres_skip, reset_postgres
 
 T = TypeVar("T")
 
-POSTGRES_ENV = "SITESRV_TEST_POSTGRES_URL"
 
 PRIMARY = """\
 role = "primary"
@@ -817,28 +817,13 @@ class AdminCLITests(SynchronousTestCase):
         self.assertEqual(err.getvalue(), "sitesrv-admin: no user named 'x'\n")
 
 
-def _postgres_skip() -> str | None:
-    if not os.environ.get(POSTGRES_ENV):
-        return f"set {POSTGRES_ENV} (e.g. postgresql://user:pw@127.0.0.1/db) to run on PostgreSQL"
-    return None
-
-
 class PostgreSQLAdminCLITests(AdminCLITests):
     """The same tests with the primary's database (and the site's) on PostgreSQL."""
 
-    skip = _postgres_skip()
+    skip = postgres_skip()
 
     def setUp(self) -> None:
-        url = make_url(os.environ[POSTGRES_ENV])
-        if url.drivername in ("postgresql", "postgres"):
-            url = url.set(drivername="postgresql+psycopg")
-        rendered = url.render_as_string(hide_password=False)
-        engine = create_engine(rendered)
-        try:
-            with engine.begin() as conn:
-                conn.execute(text("DROP SCHEMA public CASCADE"))
-                conn.execute(text("CREATE SCHEMA public"))
-        finally:
-            engine.dispose()
-        self.extra = f"database = {json.dumps(rendered)}"
+        url = normalise_url(os.environ[POSTGRES_ENV])
+        reset_postgres(url)
+        self.extra = f"database = {json.dumps(url)}"
         super().setUp()

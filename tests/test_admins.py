@@ -12,8 +12,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, func, select
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -42,10 +41,18 @@ from sitesrv.store.admins import (
 )
 from sitesrv.store.audit import thdListAudit
 from sitesrv.store.changelog import thdChangesSince, thdState
+from sitesrv.store.engine import normalise_url
 from sitesrv.store.schema import REPLICATED_BY_NAME, SHADOW, web_admins
 from sitesrv.store.sites import thdAddSite
 from sitesrv.store.snapshot import Snapshot
-from tests.support import NOW, POSTGRES_ENV, StoreMixin, postgres_url
+from tests.support import (
+    NOW,
+    POSTGRES_ENV,
+    StoreMixin,
+    postgres_skip,
+    postgres_url,
+    reset_postgres,
+)
 from tests.test_outbox import load_snapshot, open_site_store, sync
 
 # Mixins are test cases to the type checker only; the concrete classes add the real base.
@@ -609,28 +616,13 @@ class AdminCommandTests(SynchronousTestCase):
         self.assertEqual(config.load(self.siteConfig).web.admins, {"root": verifier})
 
 
-def _postgres_skip() -> str | None:
-    if not os.environ.get(POSTGRES_ENV):
-        return f"set {POSTGRES_ENV} (e.g. postgresql://user:pw@127.0.0.1/db) to run on PostgreSQL"
-    return None
-
-
 class PostgreSQLAdminCommandTests(AdminCommandTests):
     """The same commands with the primary's database (and the site's) on PostgreSQL."""
 
-    skip = _postgres_skip()
+    skip = postgres_skip()
 
     def setUp(self) -> None:
-        url = make_url(os.environ[POSTGRES_ENV])
-        if url.drivername in ("postgresql", "postgres"):
-            url = url.set(drivername="postgresql+psycopg")
-        rendered = url.render_as_string(hide_password=False)
-        engine = create_engine(rendered)
-        try:
-            with engine.begin() as conn:
-                conn.execute(text("DROP SCHEMA public CASCADE"))
-                conn.execute(text("CREATE SCHEMA public"))
-        finally:
-            engine.dispose()
-        self.extra = f"database = {json.dumps(rendered)}"
+        url = normalise_url(os.environ[POSTGRES_ENV])
+        reset_postgres(url)
+        self.extra = f"database = {json.dumps(url)}"
         super().setUp()
