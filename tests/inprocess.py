@@ -108,11 +108,9 @@ class Answer:
         return self.body.decode("utf-8")
 
 
-def get(server: Server, path: str, method: bytes = b"GET") -> Answer:
-    """Send ``method path`` through ``server``'s web site; the answer must be complete."""
-    segments = path.lstrip("/").split("/")
-    request = DummyRequest([s.encode("utf-8") for s in segments])
-    request.method = method
+def render(server: Server, request: DummyRequest, what: str) -> bytes:
+    """Send ``request`` through ``server``'s web site; return the whole body, which must
+    be complete and hold no traceback."""
     resource = server.site.getResourceFor(cast(Any, request))
     try:
         result = resource.render(request)
@@ -123,9 +121,18 @@ def get(server: Server, path: str, method: bytes = b"GET") -> Answer:
     if result is not NOT_DONE_YET:
         request.write(result)
         request.finish()
-    assert request.finished, f"{method!r} {path} did not finish"
+    assert request.finished, f"{what} did not finish"
     body = b"".join(request.written)
     assert TRACEBACK.encode() not in body, body
+    return body
+
+
+def get(server: Server, path: str, method: bytes = b"GET") -> Answer:
+    """Send ``method path`` through ``server``'s web site; the answer must be complete."""
+    segments = path.lstrip("/").split("/")
+    request = DummyRequest([s.encode("utf-8") for s in segments])
+    request.method = method
+    body = render(server, request, f"{method!r} {path}")
     types = request.responseHeaders.getRawHeaders(b"content-type")
     content_type = types[0].decode("ascii") if types else None
     return Answer(request.responseCode or 200, body, content_type)
@@ -199,14 +206,7 @@ class Browser:
             for key, value in fields.items():
                 values = value if isinstance(value, list) else [value]
                 request.args[key.encode()] = [str(v).encode() for v in values]
-        resource = self.server.site.getResourceFor(cast(Any, request))
-        result = resource.render(request)
-        if result is not NOT_DONE_YET:
-            request.write(result)
-            request.finish()
-        assert request.finished, f"{method!r} {path} did not finish"
-        body = b"".join(request.written)
-        assert TRACEBACK.encode() not in body, body
+        body = render(self.server, request, f"{method!r} {path}")
         found = re.search(rb'<input[^>]*name="csrf"[^>]*value="([^"]*)"', body)
         if found:
             self.last_csrf = found.group(1).decode()
