@@ -780,6 +780,24 @@ class HeartbeatTests(ReplicationTestCase):
         self.assertEqual(self.service.sessions, {})
         self.assertFalse(self.primary.read(thdLink, "north").connected)
 
+    def test_dropped_at_three_intervals_not_at_the_next_check(self) -> None:
+        """Silence is checked four times an interval, and once more exactly when three
+        intervals of it are reached: the drop is not up to a quarter interval late."""
+        north, wire = self.synced_north()
+        self.advance(0.1 * BEAT, step=0.1 * BEAT)
+        # The primary's last bytes arrive out of step with the site's periodic checks.
+        wire.server.notify(Poke, head=north.state().position)
+        self.settle()
+        wire.to_client = False
+        last = wire.client.lastReceived
+        self.assertEqual(last, self.clock.seconds())
+        while not wire.closed:
+            self.advance(0.01 * BEAT, step=0.01 * BEAT)
+        silence = self.clock.seconds() - last
+        self.assertGreaterEqual(silence, 3 * BEAT)
+        self.assertLessEqual(silence, 3 * BEAT + 0.011 * BEAT)
+        self.assertEqual(north.mode, "offline")
+
     def test_primary_drops_a_silent_site(self) -> None:
         north, wire = self.synced_north()
         wire.to_server = False  # the site's bytes stop arriving

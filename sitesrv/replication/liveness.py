@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -50,6 +50,7 @@ class LivenessAMP(amp.AMP):
         self.lastReceived = monotonic()
         self.heartbeatInterval = 0.0
         self._beat: LoopingCall | None = None
+        self._deadline: IDelayedCall | None = None
 
     def makeConnection(self, transport: Any) -> None:
         """Over TLS, also note proof of life as soon as encrypted bytes arrive.
@@ -86,23 +87,37 @@ class LivenessAMP(amp.AMP):
         self._beat.start(interval / CHECKS_PER_BEAT, now=False)
 
     def _tick(self, count: int) -> None:
-        silent = self.monotonic() - self.lastReceived
-        if silent >= MISSED_BEATS * self.heartbeatInterval:
-            self.dropReason = (
-                f"peer silent for {silent:.1f} s (heartbeat {self.heartbeatInterval} s)"
-            )
-            log.warn("dropping link: {reason}", reason=self.dropReason)
-            self.stopHeartbeat()
-            self.peerSilent(self.dropReason)
-            if self.transport is not None:
-                # abort, not close: a black-holed peer would never finish a clean close.
-                self.transport.abortConnection()  # type: ignore[attr-defined]
+        if self._dropIfSilent():
             return
         # ``count`` > 1 when the reactor was late (or a test's clock jumped): a heartbeat
         # is due whenever the ticks pass a whole interval.
         before, self._ticks = self._ticks, self._ticks + count
         if self._ticks // CHECKS_PER_BEAT > before // CHECKS_PER_BEAT:
             self.notify(Heartbeat, **self.heartbeatArguments())
+
+    def _dropIfSilent(self) -> bool:
+        """Drop the peer if it has been silent for ``MISSED_BEATS`` intervals.
+
+        When the limit falls before the next check, a one-off check is set for the
+        moment it is reached: a black-holed peer is dropped after three intervals of
+        silence, not up to a quarter interval later.
+        """
+        limit = MISSED_BEATS * self.heartbeatInterval
+        silent = self.monotonic() - self.lastReceived
+        if silent < limit:
+            if silent + self.heartbeatInterval / CHECKS_PER_BEAT > limit and (
+                self._deadline is None or not self._deadline.active()
+            ):
+                self._deadline = self.clock.callLater(limit - silent, self._dropIfSilent)
+            return False
+        self.dropReason = f"peer silent for {silent:.1f} s (heartbeat {self.heartbeatInterval} s)"
+        log.warn("dropping link: {reason}", reason=self.dropReason)
+        self.stopHeartbeat()
+        self.peerSilent(self.dropReason)
+        if self.transport is not None:
+            # abort, not close: a black-holed peer would never finish a clean close.
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        return True
 
     def heartbeatArguments(self) -> dict[str, Any]:
         """What this side's heartbeats carry (nothing by default)."""
@@ -139,6 +154,9 @@ class LivenessAMP(amp.AMP):
         if self._beat is not None and self._beat.running:
             self._beat.stop()
         self._beat = None
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Stop the heartbeat with the link."""
