@@ -160,9 +160,7 @@ class Server(MultiService):
             self.reactor,
             grace=config.web.site_grace,
             started_at=self.started_at,
-            outbox=lambda: {
-                n: getattr(s, "outbox_pending", None) for n, s in replication.sessions.items()
-            },
+            outbox=lambda: {n: s.outbox_pending for n, s in replication.sessions.items()},
         )
         listener = strports.service(
             config.replication_endpoint, replication.factory(), reactor=self.reactor

@@ -235,7 +235,7 @@ class ReplicationTests(SynchronousTestCase):
             address="192.0.2.7:1",
         )
         assert isinstance(server.replication, PrimaryReplication)
-        server.replication.sessions["north"] = cast(SiteSession, object())
+        server.replication.sessions["north"] = SiteSession(server.replication)
         found = scrape(server)
         self.assertEqual(found.value("sitesrv_replication_position"), float(head))
         self.assertEqual(found.value("sitesrv_site_connected", site="north"), 1.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -76,7 +76,7 @@ def link_up(server: Server, site: str, position: int = 0, skew: float = 0.25) ->
         address="192.0.2.7:40000",
     )
     assert isinstance(server.replication, PrimaryReplication)
-    server.replication.sessions[site] = cast(SiteSession, object())
+    server.replication.sessions[site] = SiteSession(server.replication)
 
 
 def link_down(server: Server, site: str) -> None:
