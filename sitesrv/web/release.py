@@ -200,8 +200,8 @@ class ReleaseStation(Page):
 
     # -- the jobs ------------------------------------------------------------------
 
-    async def _printers(self) -> list[Printer]:
-        return [p for p in await self.read(thdListPrinters, self.site)]
+    def _printers(self) -> Deferred[list[Printer]]:
+        return self.read(thdListPrinters, self.site)
 
     async def _jobs(self, session: WebSession, identity: Identity) -> HTML:
         decimals = await self.read(thdDecimals)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from sqlalchemy import Connection
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.server import Request
@@ -138,6 +139,19 @@ def skew_text(skew: float | None) -> str:
     return "—" if skew is None else f"{skew:+.1f} s"
 
 
+def _thdReports(
+    conn: Connection,
+) -> tuple[int, list[ledger.Transaction], list[ledger.Transaction], list[DeadLetterRecord]]:
+    """The primary's reports for the status page, in one read transaction: the currency's
+    decimals, offline overdrafts, suspense and unresolved dead letters."""
+    return (
+        thdDecimals(conn),
+        ledger.thdOverdrafts(conn, ROWS),
+        ledger.thdSuspense(conn, ROWS),
+        thdListDeadLetters(conn, False)[:ROWS],
+    )
+
+
 class AdminPage(Page):
     """A page only a logged-in administrator sees."""
 
@@ -175,14 +189,13 @@ class StatusPage(AdminPage):
             return redirect_to_login("/", LOGIN)
         status = await self.source.status()
         now = self.clock.seconds()
-        decimals = await self.read(thdDecimals)
         role, name = status["role"], status["name"]
         content: list[Any] = [self._overview(status, now)]
         if self.demo is not None:
             content.append(self._demo(session))
         if role == "primary":
             content.append(self._sites(status.get("sites", []), now))
-            content.append(await self._reports(decimals, now))
+            content.append(await self._reports(now))
             content.append(await self._audit(now))
         else:
             content.append(self._transitions(status.get("transitions", []), now))
@@ -353,10 +366,8 @@ class StatusPage(AdminPage):
             table("providers", ["Provider", "State"], rows, "No print providers at this site."),
         )
 
-    async def _reports(self, decimals: int, now: float) -> Tag:
-        overdrafts = await self.read(ledger.thdOverdrafts, ROWS)
-        suspense = await self.read(ledger.thdSuspense, ROWS)
-        letters: list[DeadLetterRecord] = await self.read(thdListDeadLetters, False)
+    async def _reports(self, now: float) -> Tag:
+        decimals, overdrafts, suspense, letters = await self.read(_thdReports)
 
         def charges(table_id: str, found: list[ledger.Transaction], empty: str) -> Tag:
             rows = [
@@ -378,8 +389,7 @@ class StatusPage(AdminPage):
             )
 
         letter_rows = [
-            [str(d.id), d.site, str(d.seq), when(d.created_at, now), d.error]
-            for d in letters[:ROWS]
+            [str(d.id), d.site, str(d.seq), when(d.created_at, now), d.error] for d in letters
         ]
         return tags.section(
             tags.h2("Reports"),
