@@ -25,7 +25,7 @@ from sitesrv.store.audit import thdAudit
 from sitesrv.store.devices import thdAddProvider
 from sitesrv.store.printers import thdAddPrinter
 from sitesrv.store.users import thdAddCard, thdAddUser, thdSetPin
-from sitesrv.web.pages import MAX_SESSIONS, Sessions
+from sitesrv.web.pages import MAX_SESSIONS, SESSION_IDLE, Sessions
 from tests.inprocess import Browser, make_server
 from tests.support import NOW
 from tests.test_findme import FakeLinks, feed, uuid_of
@@ -397,6 +397,21 @@ class LimitsTests(SynchronousTestCase):
             sessions.ensure(_Req())  # type: ignore[arg-type]
         self.assertEqual(len(sessions), 3)
         self.assertEqual(Sessions(server.reactor).limit, MAX_SESSIONS)
+
+    def test_idle_sessions_end_and_are_forgotten(self) -> None:
+        """A session unused for 30 minutes is logged out and no longer held."""
+        server = primary(self)
+        admin = Browser(server)
+        log_in(admin)
+        for _ in range(3):
+            Browser(server).get("/login")
+        server.reactor.advance(SESSION_IDLE - 1)
+        self.assertEqual(admin.get("/").code, 200)  # used: kept for another 30 minutes
+        server.reactor.advance(2)
+        Browser(server).get("/login")
+        self.assertEqual(len(server.sessions), 2)  # the admin's and the newest
+        server.reactor.advance(SESSION_IDLE)
+        self.assertEqual(admin.get("/").code, 303)
 
     def test_flood_does_not_log_people_out(self) -> None:
         """New anonymous sessions push out other anonymous ones, not a logged-in one."""

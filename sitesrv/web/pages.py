@@ -195,8 +195,10 @@ class Sessions:
 
     def _new(self, request: Request) -> WebSession:
         now = self.clock.seconds()
-        for sid in [s.id for s in self._sessions.values() if s.expires <= now]:
-            del self._sessions[sid]
+        # Every use moves a session to the end with the same idle time, so the expired
+        # ones are all at the front.
+        while self._sessions and next(iter(self._sessions.values())).expires <= now:
+            self._sessions.popitem(last=False)
         while len(self._sessions) >= self.limit:
             self._drop_one()
         session = WebSession(
