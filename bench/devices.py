@@ -804,12 +804,19 @@ def report(results: dict[str, Any]) -> str:
     for name in ("load", "capacity"):
         if name in results:
             lines += _phase_lines(name, results[name])
-    for name, goal in results["goals"].items():
-        verdict = {True: "met", False: "NOT met", None: "not measured"}[goal["met"]]
-        lines.append(f"goal {name} {goal['goal']}: {goal['value']} ({verdict})")
+    lines += goal_lines(results["goals"])
     if results.get("site_problems"):
         lines.append(f"site problems: {results['site_problems']}")
     return "\n".join(lines)
+
+
+def goal_lines(goals: dict[str, dict[str, Any]]) -> list[str]:
+    """One report line per goal: its figure and whether it was met."""
+    lines = []
+    for name, goal in goals.items():
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[goal["met"]]
+        lines.append(f"goal {name} {goal['goal']}: {goal['value']} ({verdict})")
+    return lines
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

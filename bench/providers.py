@@ -67,6 +67,7 @@ from bench.devices import (
     admin,
     cpu_seconds,
     free_ports,
+    goal_lines,
     health,
     machine,
     run_benchmark,
@@ -557,9 +558,7 @@ def report(results: dict[str, Any]) -> str:
         f"bytes/job ({lc['bytes_to_server_per_job']} up, {lc['bytes_from_server_per_job']} "
         f"down), {lc['jobs_per_second']} jobs/s"
     )
-    for name, goal in results["goals"].items():
-        verdict = {True: "met", False: "NOT met", None: "not measured"}[goal["met"]]
-        lines.append(f"goal {name} {goal['goal']}: {goal['value']} ({verdict})")
+    lines += goal_lines(results["goals"])
     if results.get("server_problems"):
         lines.append(f"server problems: {results['server_problems']}")
     return "\n".join(lines)
