@@ -52,10 +52,8 @@ import io
 import json
 import os
 import platform
-import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -89,6 +87,7 @@ from sitesrv.providers.commands import (
 from sitesrv.replication.liveness import LivenessAMP
 from sitesrv.store import devices, printers, sites, users
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
+from sitesrv.testing.local import free_ports, toml_document
 
 # Twisted warns about readBody over a pooled connection's transport; it is harmless here.
 warnings.filterwarnings("ignore", category=DeprecationWarning, message="Using readBody")
@@ -142,33 +141,6 @@ def summary(latencies: list[float]) -> dict[str, Any]:
     }
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` different loopback ports, free a moment ago, below the ephemeral range.
-
-    A port from the ephemeral range (what binding port 0 gives) may be taken by any
-    outgoing connection, such as one of this benchmark's own hundreds, before the
-    server binds it; one below the range is only ever taken by a deliberate bind.
-    """
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    candidates = list(range(10_000, max(low, 10_000 + 4 * count)))
-    random.shuffle(candidates)
-    picked: list[int] = []
-    for port in candidates:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        picked.append(port)
-        if len(picked) == count:
-            return picked
-    raise RuntimeError(f"fewer than {count} free ports below {low}")
-
-
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     model = "unknown"
@@ -215,13 +187,6 @@ class Setup:
     cards: list[str]
 
 
-def _toml(tables: dict[str, dict[str, Any]], top: dict[str, Any]) -> str:
-    lines = [f"{k} = {json.dumps(v)}" for k, v in top.items()]
-    for name, table in tables.items():
-        lines += ["", f"[{name}]"] + [f"{k} = {json.dumps(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
-
-
 def admin(config: str, *args: str) -> str:
     """``sitesrv-admin --config CONFIG ARGS`` in this process; its output."""
     out, err = io.StringIO(), io.StringIO()
@@ -244,7 +209,8 @@ def set_up(options: argparse.Namespace, directory: str) -> Setup:
     with open(primary_config, "w", encoding="utf-8") as f:
         key, cert = os.path.join(tls, "server.key"), os.path.join(tls, "server.crt")
         f.write(
-            _toml(
+            toml_document(
+                {"role": "primary", "name": "hq", "data_dir": hq_data},
                 {
                     "listen": {
                         "web": f"tcp:{ports['hq_web']}:interface=127.0.0.1",
@@ -254,7 +220,6 @@ def set_up(options: argparse.Namespace, directory: str) -> Setup:
                     },
                     "tls": {"key": key, "cert": cert, "ca": os.path.join(tls, "ca.crt")},
                 },
-                {"role": "primary", "name": "hq", "data_dir": hq_data},
             )
         )
     admin(
@@ -264,7 +229,8 @@ def set_up(options: argparse.Namespace, directory: str) -> Setup:
     site_config = os.path.join(directory, "north.toml")
     with open(site_config, "w", encoding="utf-8") as f:
         f.write(
-            _toml(
+            toml_document(
+                {"role": "site", "name": "north", "data_dir": north_data},
                 {
                     "listen": {
                         "web": f"tcp:{ports['n_web']}:interface=127.0.0.1",
@@ -277,7 +243,6 @@ def set_up(options: argparse.Namespace, directory: str) -> Setup:
                         "token_file": token_file,
                     },
                 },
-                {"role": "site", "name": "north", "data_dir": north_data},
             )
         )
     now = time.time()

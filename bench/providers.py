@@ -63,10 +63,8 @@ from bench.devices import (
     Provider,
     Servers,
     _react,
-    _toml,
     admin,
     cpu_seconds,
-    free_ports,
     goal_lines,
     health,
     machine,
@@ -82,6 +80,7 @@ from sitesrv.providers.commands import (
     ProviderHello,
     SubmitJob,
 )
+from sitesrv.testing.local import free_ports, toml_document
 
 #: ``sitesrv-provider`` run by this interpreter (works in any virtualenv).
 PROVIDER = (sys.executable, "-c", "from sitesrv.provider.main import main; main()")
@@ -122,7 +121,8 @@ def set_up(options: argparse.Namespace, directory: str) -> Setup:
     config = os.path.join(directory, "hq.toml")
     with open(config, "w", encoding="utf-8") as f:
         f.write(
-            _toml(
+            toml_document(
+                {"role": "primary", "name": SITE, "data_dir": data},
                 {
                     "listen": {
                         "web": f"tcp:{web}:interface=127.0.0.1",
@@ -132,7 +132,6 @@ def set_up(options: argparse.Namespace, directory: str) -> Setup:
                     },
                     "tls": {"key": key, "cert": cert, "ca": os.path.join(tls, "ca.crt")},
                 },
-                {"role": "primary", "name": SITE, "data_dir": data},
             )
         )
     admin(config, "tls", "init", "--hostname", "localhost", "--ip", "127.0.0.1", "--out", tls)

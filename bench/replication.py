@@ -44,10 +44,8 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -68,6 +66,7 @@ from sitesrv.store.audit import thdAudit
 from sitesrv.store.bootstrap import open_store, thdInitPrimary
 from sitesrv.store.changelog import thdState
 from sitesrv.testing.faultproxy import ProxyProcess
+from sitesrv.testing.local import free_port, toml_document
 
 #: ``twistd`` and ``sitesrv-admin`` as run by this interpreter (works in any virtualenv).
 TWISTD = (sys.executable, "-c", "from twisted.scripts.twistd import run; run()")
@@ -114,53 +113,10 @@ class BenchError(Exception):
 # -- set-up ---------------------------------------------------------------------------
 
 
-def _ephemeral_ports() -> tuple[int, int]:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
-            low, high = (int(x) for x in f.read().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999
-    return low, high
-
-
-_ports = random.Random()
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago, below the ephemeral range.
-
-    (One from the ephemeral range, as binding port 0 gives, may be taken by any outgoing
-    connection before the server binds it: the benchmark makes many.)
-    """
-    low, _high = _ephemeral_ports()
-    for _ in range(100):
-        port = _ports.randrange(10_000, max(low, 10_001))
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a TOML basic string
-
-
 def write_toml(path: str, top: Mapping[str, Any], tables: Mapping[str, Mapping[str, Any]]) -> None:
     """Write a TOML file of top-level keys and tables."""
-    lines = [f"{k} = {_toml(v)}" for k, v in top.items()]
-    for name, table in tables.items():
-        lines += ["", f"[{name}]", *(f"{k} = {_toml(v)}" for k, v in table.items())]
     with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(toml_document(top, tables))
 
 
 @attrs.define

@@ -20,10 +20,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -54,6 +52,7 @@ from sitesrv.providers.commands import (
     SubmitJob,
 )
 from sitesrv.replication.liveness import LivenessAMP
+from sitesrv.testing.local import free_port, toml_document
 
 reactor: Any = _reactor
 
@@ -99,59 +98,6 @@ class WaitTimeout(AssertionError):
 
 
 # -- ports and configs ------------------------------------------------------------------
-
-
-def _ephemeral_ports() -> tuple[int, int]:
-    """The range the kernel picks outgoing connections' local ports from."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
-            low, high = (int(word) for word in f.read().split())
-    except (OSError, ValueError):
-        return 32768, 60999
-    return low, high
-
-
-_port_choice = random.Random()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago, outside the ephemeral range.
-
-    A port from the ephemeral range (what binding port 0 gives) may be taken by any
-    outgoing connection before the server binds it; one below the range is only ever
-    taken by a deliberate bind.
-    """
-    low, high = _ephemeral_ports()
-    below, above = (10_000, low), (high + 1, 65_536)
-    span = below if below[1] - below[0] >= above[1] - above[0] else above
-    for _ in range(100):
-        port = _port_choice.randrange(*span)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    # A JSON string is a valid TOML basic string.
-    return json.dumps(str(value))
-
-
-def _toml_document(top: Mapping[str, Any], tables: Mapping[str, Mapping[str, Any]]) -> str:
-    lines = [f"{key} = {_toml(value)}" for key, value in top.items()]
-    for name, table in tables.items():
-        lines += ["", f"[{name}]"]
-        lines += [f"{key} = {_toml(value)}" for key, value in table.items() if value is not None]
-    return "\n".join(lines) + "\n"
 
 
 def listen(port: int) -> str:
@@ -230,7 +176,7 @@ def write_primary_config(
         tls_dir=tls_dir,
     )
     assert node.replication_port is not None
-    document = _toml_document(
+    document = toml_document(
         {"role": "primary", "name": name, "data_dir": data_dir, **top},
         {
             "listen": {
@@ -290,7 +236,7 @@ def write_site_config(
         providers_port=free_port(),
         token_file=os.path.join(data_dir, "token"),
     )
-    document = _toml_document(
+    document = toml_document(
         {"role": "site", "name": name, "data_dir": data_dir, **top},
         {
             "listen": {"web": listen(node.web_port), "providers": listen(node.providers_port)},
